@@ -1,0 +1,255 @@
+"""The batcher: one thread per loaded model that runs its requests, merging where it can.
+
+Requests from any connection, thread or process for the same model land in one queue.
+The batcher thread takes the oldest request and merges the queued ones that can share a
+forward pass with it (same input structure, dtypes and trailing shapes, no per-request
+keyword arguments) up to the model's batch limit, runs them once, splits the outputs by
+rows and replies to each. A merged batch that fails is re-run request by request, so one
+bad input never fails its neighbours.
+
+The model's forward pass only ever runs on this thread: one batch at a time per model,
+and the manager can tell whether a model is in use by looking at ``busy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelserver import loaders
+from modelserver.errors import BeamletError, InternalError, OutOfMemory
+
+log = logging.getLogger("beamlet.batcher")
+
+DEFAULT_MAX_MERGE_ROWS = 256
+
+
+@dataclass
+class Work:
+    """One infer request waiting for the model. ``reply`` gets (outputs, None) or (None, error)."""
+
+    inputs: Any
+    kwargs: dict[str, Any]
+    reply: Callable[[Any, BeamletError | None], None]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    requests: int = 0
+    rows: int = 0
+    batches: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "rows": self.rows,
+            "batches": self.batches,
+            "errors": self.errors,
+            "busy_seconds": round(self.busy_seconds, 6),
+        }
+
+
+class Batcher:
+    """Runs one loaded model's requests on its own thread. Thread-safe ``submit``."""
+
+    def __init__(self, name: str, model: loaders.LoadedModel, max_merge_rows: int | None = None):
+        self.name = name
+        self.model = model
+        self.max_merge_rows = max_merge_rows or DEFAULT_MAX_MERGE_ROWS
+        self.stats = BatchStats()
+        self._queue: deque[Work] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch runs or requests wait: the model is in use."""
+        with self._cond:
+            return self._busy or bool(self._queue)
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, work: Work) -> None:
+        """Queue a request. When the model is idle and nothing waits, the request runs at
+        once on the caller's thread: at low load that saves a thread hand-off per request;
+        under load requests queue up and the batcher thread merges them."""
+        with self._cond:
+            if self._stopping:
+                raise InternalError(f"model {self.name} is being unloaded")
+            if self._busy or self._queue:
+                self._queue.append(work)
+                self._cond.notify()
+                return
+            self._busy = True
+        self._run_timed([work])
+
+    def _run_timed(self, batch: list[Work]) -> None:
+        started = time.monotonic()
+        try:
+            self._run(batch)
+        finally:
+            with self._cond:
+                self._busy = False
+                self.stats.busy_seconds += time.monotonic() - started
+                if self._queue or self._stopping:
+                    self._cond.notify()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking work, finish what is queued, and end the thread. True when done."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._busy or not (self._queue or self._stopping):
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take_batch()
+                self._busy = True
+            self._run_timed(batch)
+
+    def _take_batch(self) -> list[Work]:
+        first = self._queue.popleft()
+        batch = [first]
+        sig = _signature(first)
+        if sig is None:
+            return batch
+        rows = sig[0]
+        kept: deque[Work] = deque()
+        while self._queue:
+            work = self._queue.popleft()
+            other = _signature(work)
+            if other is not None and other[1:] == sig[1:] and rows + other[0] <= self.max_merge_rows:
+                batch.append(work)
+                rows += other[0]
+            else:
+                kept.append(work)
+        self._queue.extendleft(reversed(kept))
+        return batch
+
+    def _run(self, batch: list[Work]) -> None:
+        if len(batch) > 1:
+            try:
+                merged = _concat([w.inputs for w in batch])
+                outputs = loaders.run(self.model, merged, {})
+                parts = _split(outputs, [_rows(w.inputs) for w in batch])
+            except Exception as exc:
+                log.debug("merged batch of %d failed (%s); running each alone", len(batch), exc)
+                parts = None
+            if parts is not None:
+                self._account(batch, batches=1)
+                for work, part in zip(batch, parts):
+                    _deliver(work, part, None)
+                return
+        for work in batch:
+            self._account([work], batches=1)
+            try:
+                out = loaders.run(self.model, work.inputs, work.kwargs)
+            except Exception as exc:
+                self.stats.errors += 1
+                _deliver(work, None, _as_error(exc, self.name))
+            else:
+                _deliver(work, out, None)
+
+    def _account(self, batch: list[Work], batches: int) -> None:
+        self.stats.batches += batches
+        self.stats.requests += len(batch)
+        self.stats.rows += sum(_rows(w.inputs) or 0 for w in batch)
+
+
+def _deliver(work: Work, outputs: Any, error: BeamletError | None) -> None:
+    try:
+        work.reply(outputs, error)
+    except Exception:  # a reply to a connection that just closed must not kill the batcher
+        log.debug("could not deliver a reply", exc_info=True)
+
+
+def _as_error(exc: BaseException, name: str) -> BeamletError:
+    import torch
+
+    if isinstance(exc, BeamletError):
+        return exc
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return OutOfMemory(f"model {name} ran out of GPU memory on this batch: {exc}")
+    if isinstance(exc, MemoryError):
+        return OutOfMemory(f"model {name} ran out of host memory on this batch")
+    log.exception("model %s failed on a batch", name)
+    return InternalError(f"model {name} failed: {type(exc).__name__}: {exc}")
+
+
+def _rows(inputs: Any) -> int | None:
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else None
+    if isinstance(inputs, dict) and inputs:
+        counts = {_rows(v) for v in inputs.values()}
+        return counts.pop() if len(counts) == 1 else None
+    return None
+
+
+def _signature(work: Work) -> tuple[Any, ...] | None:
+    """(rows, structure...) for mergeable work, None for work that must run alone."""
+    import torch
+
+    if work.kwargs:
+        return None
+    x = work.inputs
+    if isinstance(x, torch.Tensor) and x.dim():
+        return (x.shape[0], x.dtype, tuple(x.shape[1:]))
+    if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) and v.dim() for v in x.values()):
+        rows = _rows(x)
+        if rows is None:
+            return None
+        return (rows, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in x.items()))
+    return None
+
+
+def _concat(inputs: list[Any]) -> Any:
+    import torch
+
+    if isinstance(inputs[0], dict):
+        return {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
+    return torch.cat(inputs)
+
+
+def _split(outputs: Any, rows: list[int | None]) -> list[Any] | None:
+    """Split merged outputs by request; None when some output is not batch-shaped."""
+    import torch
+
+    total = sum(r or 0 for r in rows)
+    sizes = [r or 0 for r in rows]
+    if isinstance(outputs, torch.Tensor):
+        if not outputs.dim() or outputs.shape[0] != total:
+            return None
+        return list(torch.split(outputs, sizes))
+    if isinstance(outputs, dict):
+        pieces = {k: _split(v, rows) for k, v in outputs.items()}
+        if any(p is None for p in pieces.values()):
+            return None
+        return [{k: p[i] for k, p in pieces.items()} for i in range(len(rows))]  # type: ignore[index]
+    if isinstance(outputs, (list, tuple)):
+        columns = [_split(v, rows) for v in outputs]
+        if any(c is None for c in columns):
+            return None
+        return [type(outputs)(c[i] for c in columns) for i in range(len(rows))]  # type: ignore[index]
+    return None

@@ -1,0 +1,84 @@
+"""Where the server's socket lives, and how sizes are written on the command line."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+
+SOCKET_ENV = "BEAMLET_SOCKET"
+SOCKET_NAME = "modelserver.sock"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "512MiB", "8GiB", "1.5GB" or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use bytes or a unit: 512MiB, 8GiB, 2GB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def default_socket_path() -> str:
+    """BEAMLET_SOCKET if set; else ``$XDG_RUNTIME_DIR/beamlet/modelserver.sock``; else
+    ``<tmp>/beamlet-<uid>/modelserver.sock``. The directory is private (0700)."""
+    override = os.environ.get(SOCKET_ENV)
+    if override:
+        return os.path.abspath(override)
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isdir(runtime_dir):
+        base = os.path.join(runtime_dir, "beamlet")
+    else:
+        base = os.path.join(tempfile.gettempdir(), f"beamlet-{os.getuid()}")
+    return os.path.join(base, SOCKET_NAME)
+
+
+def socket_path(explicit: str | None = None) -> str:
+    return os.path.abspath(explicit) if explicit else default_socket_path()
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create the socket's directory 0700, or check that an existing one is ours and private.
+
+    A directory someone else owns, or one others can write into, could let them swap the
+    socket for their own: refuse it.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"socket directory {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"socket directory {path} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"socket directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            "put the socket in a private (0700) directory"
+        )

@@ -1,0 +1,111 @@
+"""The model server's requests and replies: the allowed operations, typed.
+
+Every request is a msgpack map with ``op`` and ``id`` (an int the client chooses; several
+requests may be in flight on one connection and replies may come back in any order).
+Every reply carries the request's ``id`` and ``ok``; a failed one carries
+``error: {code, message}`` (see ``errors``). A reply with ``id`` None reports a
+connection-level failure (a bad frame) just before the server closes that connection.
+
+    op        request fields                    reply fields (ok)
+    hello     version, pid                      version, server_pid, max_frame_bytes
+    load      key, spec (a ModelSpec as a map)  model_id, device, nbytes
+    infer     key, inputs, kwargs               outputs, model_id
+    status    -                                 status (see ModelServer.status)
+    shutdown  -                                 - (the server then stops)
+
+Operations are dispatched from this table, never by name lookup on an object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelserver.errors import BadRequest, BeamletError
+
+
+@dataclass(frozen=True)
+class Hello:
+    id: int
+    version: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Load:
+    id: int
+    key: str
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Infer:
+    id: int
+    key: str
+    inputs: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    id: int
+
+
+Request = Hello | Load | Infer | Status | Shutdown
+
+
+def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = msg.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise BadRequest(f"request field {name!r} must be {_kind_name(kind)}, got {value!r:.60}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def parse_request(msg: Any) -> Request:
+    """Turn a decoded frame into a typed request, or raise BadRequest naming what is wrong."""
+    if not isinstance(msg, dict):
+        raise BadRequest(f"a request must be a map, got {type(msg).__name__}")
+    rid = _field(msg, "id", int)
+    op = msg.get("op")
+    if op == "infer":
+        kwargs = msg.get("kwargs") or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise BadRequest("request field 'kwargs' must be a map of str to values")
+        if "inputs" not in msg:
+            raise BadRequest("infer request has no 'inputs'")
+        return Infer(rid, _field(msg, "key", str), msg["inputs"], kwargs)
+    if op == "load":
+        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict))
+    if op == "hello":
+        return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))
+    if op == "status":
+        return Status(rid)
+    if op == "shutdown":
+        return Shutdown(rid)
+    raise BadRequest(f"unknown operation {op!r}; allowed: hello, load, infer, status, shutdown")
+
+
+def request_id(msg: Any) -> int | None:
+    """The id of a request that failed to parse, so its error can still be matched."""
+    if isinstance(msg, dict) and isinstance(msg.get("id"), int):
+        return int(msg["id"])
+    return None
+
+
+def ok_reply(rid: int | None, **fields: Any) -> dict[str, Any]:
+    return {"id": rid, "ok": True, **fields}
+
+
+def error_reply(rid: int | None, error: BeamletError) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": error.to_wire()}

@@ -1,0 +1,312 @@
+"""The per-machine model server: accepts clients on a Unix socket and runs their models.
+
+Lifecycle: ``bind()`` takes the server lock and the socket (or raises ``AlreadyRunning``),
+``serve_forever()`` accepts until ``stop()`` is asked for (a signal, a shutdown request,
+or ``idle_timeout`` seconds with no client), then the server stops in stages: close the
+listener and remove the socket file, close client connections, let every model finish
+its queued batches, release the lock.
+
+One server per socket path: the lock is an abstract-namespace Unix socket named after
+the socket path and uid. The kernel releases it when the process dies, however it dies,
+so a stale socket file left by a killed server is recognised and replaced, two servers
+racing to start end with one, and nothing is left on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from modelserver import config, loaders, protocol, wire
+from modelserver.batcher import Work
+from modelserver.connection import Connection
+from modelserver.errors import BadRequest, BeamletError, InternalError
+from modelserver.manager import ModelManager
+
+log = logging.getLogger("beamlet.server")
+
+EXIT_ALREADY_RUNNING = 3
+
+
+class AlreadyRunning(RuntimeError):
+    """Another live server owns this socket path."""
+
+
+def _lock_name(path: str) -> bytes:
+    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    return f"\0beamlet-{os.getuid()}-{digest}".encode()
+
+
+class ModelServer:
+    """Serves models to clients on one Unix socket. Build, ``bind()``, ``serve_forever()``."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        memory_budget: int | None = None,
+        max_frame_bytes: int = wire.DEFAULT_MAX_BODY,
+        idle_timeout: float | None = None,
+    ):
+        self.socket_path = config.socket_path(socket_path)
+        self.max_frame_bytes = max_frame_bytes
+        self.idle_timeout = idle_timeout
+        self.manager = ModelManager(memory_budget)
+        self.started = time.time()
+        self._lock_sock: socket.socket | None = None
+        self._listener: socket.socket | None = None
+        self._connections: set[Connection] = set()
+        self._conn_lock = threading.Lock()
+        self._last_activity = time.monotonic()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._requests = 0
+        self._rejected_peers = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def bind(self) -> None:
+        """Take the server lock and listen on the socket path."""
+        directory = os.path.dirname(self.socket_path)
+        config.ensure_private_dir(directory)
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(_lock_name(self.socket_path))
+        except OSError:
+            lock.close()
+            raise AlreadyRunning(f"a model server already serves {self.socket_path}") from None
+        self._lock_sock = lock
+        try:
+            if os.path.exists(self.socket_path):
+                log.info("removing stale socket %s", self.socket_path)
+                os.unlink(self.socket_path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                listener.bind(self.socket_path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.socket_path, 0o600)
+            listener.listen(128)
+            self._listener = listener
+        except BaseException:
+            self._release()
+            raise
+        log.info(
+            "model server pid %d listening on %s (budget %s)",
+            os.getpid(),
+            self.socket_path,
+            config.format_size(self.manager.budget_bytes) if self.manager.budget_bytes else "none",
+        )
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT only wake the accept loop; the loop stops the server."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stopping.set()
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select(timeout=1.0):
+                    if key.data == "accept":
+                        self._accept()
+                    else:
+                        os.read(self._wake_r, 4096)
+                if self._idle_expired():
+                    log.info("no clients for %.0fs; stopping", self.idle_timeout)
+                    break
+        finally:
+            sel.close()
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the accept loop to stop (thread-safe, returns at once)."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def _idle_expired(self) -> bool:
+        if not self.idle_timeout:
+            return False
+        with self._conn_lock:
+            if self._connections:
+                return False
+            return time.monotonic() - self._last_activity > self.idle_timeout
+
+    def _shutdown(self) -> None:
+        log.info("stopping: closing the listener and %d connections", len(self._connections))
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        with self._conn_lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.close()
+        self.manager.close()
+        self._release()
+        self._stopped.set()
+        log.info("model server stopped")
+
+    def _release(self) -> None:
+        if self._lock_sock is not None:
+            self._lock_sock.close()
+            self._lock_sock = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- connections -----------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        pid, uid, _gid = wire.peer_credentials(sock)
+        if uid != os.geteuid():
+            self._rejected_peers += 1
+            log.warning("refusing a connection from pid %d: uid %d is not ours", pid, uid)
+            sock.close()
+            return
+        conn = Connection(sock, pid, self._dispatch, self._forget, self.max_frame_bytes)
+        with self._conn_lock:
+            self._connections.add(conn)
+            self._last_activity = time.monotonic()
+        conn.start()
+
+    def _forget(self, conn: Connection) -> None:
+        with self._conn_lock:
+            self._connections.discard(conn)
+            self._last_activity = time.monotonic()
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    # -- requests --------------------------------------------------------------------
+    def _dispatch(self, conn: Connection, message: Any) -> None:
+        """Handle one request on the connection's reader thread, never waiting on a model."""
+        self._requests += 1
+        try:
+            request = protocol.parse_request(message)
+        except BadRequest as exc:
+            conn.send(protocol.error_reply(protocol.request_id(message), exc))
+            return
+        try:
+            if isinstance(request, protocol.Infer):
+                self._infer(conn, request)
+            elif isinstance(request, protocol.Load):
+                self._load(conn, request)
+            elif isinstance(request, protocol.Hello):
+                conn.send(
+                    protocol.ok_reply(
+                        request.id,
+                        version=wire.VERSION,
+                        server_pid=os.getpid(),
+                        max_frame_bytes=self.max_frame_bytes,
+                    )
+                )
+            elif isinstance(request, protocol.Status):
+                conn.send(protocol.ok_reply(request.id, status=self.status()))
+            elif isinstance(request, protocol.Shutdown):
+                conn.send(protocol.ok_reply(request.id))
+                self.stop()
+        except BeamletError as exc:
+            conn.send(protocol.error_reply(request.id, exc))
+        except Exception as exc:
+            log.exception("request %r failed", message.get("op"))
+            conn.send(protocol.error_reply(request.id, InternalError(f"{type(exc).__name__}: {exc}")))
+
+    def _infer(self, conn: Connection, request: protocol.Infer) -> None:
+        rid = request.id
+        for _attempt in range(3):
+            batcher = self.manager.get(request.key)
+            model_id = batcher.model.model_id
+
+            def reply(outputs: Any, error: BeamletError | None, model_id: str = model_id) -> None:
+                if error is not None:
+                    conn.send(protocol.error_reply(rid, error))
+                else:
+                    conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=model_id))
+
+            try:
+                batcher.submit(Work(request.inputs, request.kwargs, reply))
+                return
+            except InternalError:
+                continue  # evicted or swapped between lookup and submit: look again
+        raise InternalError(f"model {request.key!r} kept being unloaded; try again")
+
+    def _load(self, conn: Connection, request: protocol.Load) -> None:
+        # Loading can take long: do it off the reader thread so this connection's other
+        # requests keep flowing.
+        spec = loaders.ModelSpec.from_wire(request.spec)
+
+        def run() -> None:
+            try:
+                slot = self.manager.register(request.key, spec)
+                assert slot.batcher is not None
+                model = slot.batcher.model
+                conn.send(
+                    protocol.ok_reply(
+                        request.id, model_id=model.model_id, device=model.device, nbytes=model.nbytes
+                    )
+                )
+            except BeamletError as exc:
+                conn.send(protocol.error_reply(request.id, exc))
+            except Exception as exc:
+                log.exception("load of %s failed", request.key)
+                conn.send(protocol.error_reply(request.id, InternalError(f"{type(exc).__name__}: {exc}")))
+
+        threading.Thread(target=run, name=f"load-{request.key}", daemon=True).start()
+
+    def status(self) -> dict[str, Any]:
+        proc = psutil.Process()
+        with self._conn_lock:
+            clients = sorted({c.peer_pid for c in self._connections})
+            n_conn = len(self._connections)
+        return {
+            "pid": os.getpid(),
+            "socket": self.socket_path,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "rss": proc.memory_info().rss,
+            "memory_budget": self.manager.budget_bytes,
+            "loaded_bytes": self.manager.loaded_bytes(),
+            "max_frame_bytes": self.max_frame_bytes,
+            "connections": n_conn,
+            "client_pids": clients,
+            "requests": self._requests,
+            "rejected_peers": self._rejected_peers,
+            "models": self.manager.status(),
+        }

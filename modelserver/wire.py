@@ -1,0 +1,348 @@
+"""The wire format: length-prefixed frames with a msgpack header and raw array buffers.
+
+Used by the model server, its clients and the harness's control channel. There is no
+pickle anywhere: a frame holds msgpack data plus the raw bytes of numpy arrays and torch
+tensors, described by dtype and shape.
+
+Frame layout (integers big-endian)::
+
+    offset  size  field
+    0       2     magic b"BL"
+    2       1     version (VERSION)
+    3       1     flags (0, reserved)
+    4       4     H: header length in bytes
+    8       8     B: body length in bytes
+    16      H     header: one msgpack object (the message)
+    16+H    B     body: the raw bytes of every array the header refers to, back to back,
+                  in the order the arrays appear in the header
+
+An array in the message is a msgpack ExtType(EXT_ARRAY) whose 3+8n bytes of data are
+``kind:u8 dtype:u8 ndim:u8 dims:u64[ndim]`` (little-endian): kind 0 is a numpy array and
+1 a torch tensor, dtype an index into ``DTYPE_NAMES``. The reader allocates each array
+from its descriptor as the header is unpacked and then ``recv_into``s the body straight
+into those allocations. Only what the reader's small look-ahead buffer (``READ_AHEAD``)
+already holds is copied: small frames cost one recv, large arrays are not copied.
+
+Limits: H <= MAX_HEADER_BYTES; B <= the receiver's ``max_body`` (the server's
+``--max-frame-bytes``); the descriptors must add up to exactly B. A frame that breaks a
+limit raises ``FrameTooLarge`` or ``ProtocolError``; the caller then closes the
+connection, since the stream position can no longer be trusted.
+
+A clean EOF between frames is ``FrameReader.read() -> None``; an EOF inside a frame is a
+``ProtocolError`` ("truncated").
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from modelserver.errors import FrameTooLarge, ProtocolError
+
+MAGIC = b"BL"
+VERSION = 1
+PREFIX = struct.Struct("!2sBBIQ")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BODY = 1 << 30
+EXT_ARRAY = 1
+_IOV_BATCH = 512
+
+# Wire dtypes, by index. bfloat16 has no numpy dtype: it travels as its raw 16 bits and
+# decodes into torch tensors only.
+DTYPE_NAMES = (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
+)  # fmt: skip
+BF16 = DTYPE_NAMES.index("bfloat16")
+_NP_DTYPES = [np.dtype("uint16" if n == "bfloat16" else n) for n in DTYPE_NAMES]
+_NP_CODE = {dt: i for i, dt in enumerate(_NP_DTYPES) if i != BF16}
+_DESC = struct.Struct("<BBB")
+KIND_NP, KIND_PT = 0, 1
+READ_AHEAD = 64 * 1024
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("beamlet's wire format assumes a little-endian host")
+
+_torch: Any = None
+_PT_DTYPES: list[Any] = []
+_PT_CODE: dict[Any, int] = {}
+
+
+def _torch_module() -> Any:
+    """torch, imported on first use so the control channel does not pay for it."""
+    global _torch
+    if _torch is None:
+        import torch
+
+        _PT_DTYPES.extend(getattr(torch, n) for n in DTYPE_NAMES)
+        _PT_CODE.update({dt: i for i, dt in enumerate(_PT_DTYPES)})
+        _torch = torch
+    return _torch
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+class _Encoder:
+    """Collects the raw buffers of the arrays met while packing one message."""
+
+    __slots__ = ("buffers", "nbytes")
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.nbytes = 0
+
+    def default(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return self._array(KIND_NP, obj)
+        if _is_tensor(obj):
+            return self._tensor(obj)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, (tuple, set, frozenset)):
+            return list(obj)
+        raise TypeError(f"cannot send a {type(obj).__name__} on the wire (no pickle): {obj!r:.80}")
+
+    def _array(self, kind: int, arr: np.ndarray, code: int | None = None) -> msgpack.ExtType:
+        if code is None:
+            code = _NP_CODE.get(arr.dtype)
+            if code is None:
+                if arr.dtype.byteorder == ">" and arr.dtype.newbyteorder("<") in _NP_CODE:
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                    code = _NP_CODE[arr.dtype]
+                else:
+                    raise TypeError(f"cannot send an array of dtype {arr.dtype} on the wire")
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        self.buffers.append(memoryview(arr).cast("B"))
+        self.nbytes += arr.nbytes
+        shape = arr.shape
+        return msgpack.ExtType(
+            EXT_ARRAY, _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+        )
+
+    def _tensor(self, t: Any) -> msgpack.ExtType:
+        torch = _torch_module()
+        if t.requires_grad:
+            t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        code = _PT_CODE.get(t.dtype)
+        if code is None:
+            raise TypeError(f"cannot send a tensor of dtype {t.dtype} on the wire")
+        if code == BF16:
+            return self._array(KIND_PT, t.view(torch.uint16).numpy(), BF16)
+        return self._array(KIND_PT, t.numpy(), code)
+
+
+class _Decoder:
+    """Allocates the arrays of one frame as its header is unpacked."""
+
+    __slots__ = ("arrays", "views", "nbytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.arrays: list[Any] = []
+        self.views: list[memoryview] = []
+        self.nbytes = 0
+        self.limit = limit
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code != EXT_ARRAY:
+            raise ProtocolError(f"unknown msgpack extension type {code}")
+        if len(data) < 3:
+            raise ProtocolError("malformed array descriptor")
+        kind, dtype_code, ndim = _DESC.unpack_from(data)
+        if len(data) != 3 + 8 * ndim or dtype_code >= len(DTYPE_NAMES):
+            raise ProtocolError("malformed array descriptor")
+        shape = struct.unpack_from(f"<{ndim}Q", data, 3)
+        np_dtype = _NP_DTYPES[dtype_code]
+        count = 1
+        for d in shape:
+            count *= d
+        self.nbytes += count * np_dtype.itemsize
+        if self.nbytes > self.limit:
+            raise ProtocolError(
+                f"array descriptors add up to more than the {self.limit}-byte frame body"
+            )
+        if kind == KIND_NP:
+            if dtype_code == BF16:
+                raise ProtocolError("bfloat16 arrays travel as torch tensors only")
+            arr = np.empty(shape, dtype=np_dtype)
+            self.arrays.append(arr)
+            self.views.append(memoryview(arr).cast("B"))
+            return arr
+        if kind == KIND_PT:
+            torch = _torch_module()
+            t = torch.empty(shape, dtype=_PT_DTYPES[dtype_code])
+            holder = t.view(torch.uint16) if dtype_code == BF16 else t
+            self.arrays.append(t)
+            self.views.append(memoryview(holder.numpy()).cast("B"))
+            return t
+        raise ProtocolError(f"unknown array kind {kind}")
+
+
+def encode(message: Any) -> tuple[bytes, list[memoryview]]:
+    """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables."""
+    enc = _Encoder()
+    header = msgpack.packb(message, default=enc.default, use_bin_type=True)
+    if len(header) > MAX_HEADER_BYTES:
+        raise FrameTooLarge(
+            f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit"
+        )
+    prefix = PREFIX.pack(MAGIC, VERSION, 0, len(header), enc.nbytes)
+    return prefix + header, enc.buffers
+
+
+def send_frame(sock: socket.socket, message: Any, max_body: int | None = None) -> int:
+    """Send one message; returns the frame's size. Not thread-safe: hold the socket's lock."""
+    head, buffers = encode(message)
+    body = sum(b.nbytes for b in buffers)
+    if max_body is not None and body > max_body:
+        raise FrameTooLarge(f"frame body of {body} bytes is over the peer's {max_body}-byte limit")
+    sendmsg_all(sock, [memoryview(head), *buffers])
+    return len(head) + body
+
+
+def sendmsg_all(sock: socket.socket, parts: list[memoryview], flags: int = 0) -> None:
+    """Write every byte of ``parts`` with scatter-gather sends (no concatenation copy)."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        sent = sock.sendmsg(parts[:_IOV_BATCH], [], flags)
+        parts = advance(parts, sent)
+
+
+def advance(parts: list[memoryview], sent: int) -> list[memoryview]:
+    """Drop ``sent`` bytes from the front of a list of buffers."""
+    i = 0
+    while i < len(parts) and sent >= parts[i].nbytes:
+        sent -= parts[i].nbytes
+        i += 1
+    rest = parts[i:]
+    if sent and rest:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class FrameReader:
+    """Reads frames from one socket. Not thread-safe: one reader thread per socket.
+
+    Keeps a small look-ahead buffer so that a small frame (prefix, header and body) costs
+    one ``recv``; array bytes beyond what the buffer already holds go straight from the
+    socket into the arrays' own memory.
+    """
+
+    def __init__(self, sock: socket.socket, max_body: int = DEFAULT_MAX_BODY):
+        self.sock = sock
+        self.max_body = max_body
+        self._buf = bytearray(READ_AHEAD)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def read(self) -> Any | None:
+        """The next message, or None on a clean EOF between frames."""
+        if not self._fill(PREFIX.size, at_boundary=True):
+            return None
+        magic, version, _flags, header_len, body_len = PREFIX.unpack_from(self._buf, self._start)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a beamlet peer?)")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported wire version {version} (this side speaks {VERSION})")
+        if header_len > MAX_HEADER_BYTES:
+            raise FrameTooLarge(
+                f"frame header of {header_len} bytes is over the {MAX_HEADER_BYTES}-byte limit"
+            )
+        if body_len > self.max_body:
+            raise FrameTooLarge(
+                f"frame body of {body_len} bytes is over the {self.max_body}-byte limit"
+            )
+        self._start += PREFIX.size
+        header = self._take(header_len)
+        dec = _Decoder(body_len)
+        try:
+            message = msgpack.unpackb(header, ext_hook=dec.ext_hook, raw=False)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack raises several unrelated types for bad input
+            raise ProtocolError(f"malformed frame header: {exc}") from None
+        if dec.nbytes != body_len:
+            raise ProtocolError(
+                f"frame body is {body_len} bytes but its arrays need {dec.nbytes} bytes"
+            )
+        for view in dec.views:
+            self._read_into(view)
+        return message
+
+    def _buffered(self) -> int:
+        return self._end - self._start
+
+    def _fill(self, need: int, *, at_boundary: bool = False) -> bool:
+        """Make at least ``need`` (<= READ_AHEAD) bytes available in the buffer."""
+        if self._buffered() >= need:
+            return True
+        if self._start and self._start + need > len(self._buf):
+            kept = self._buffered()
+            self._buf[:kept] = self._buf[self._start : self._end]
+            self._start, self._end = 0, kept
+        while self._buffered() < need:
+            n = self._recv(self._view[self._end :], idle=at_boundary and self._buffered() == 0)
+            if n == 0:
+                if at_boundary and self._buffered() == 0:
+                    return False
+                raise ProtocolError(
+                    f"connection closed inside a frame ({self._buffered()} of {need} bytes read)"
+                )
+            self._end += n
+        return True
+
+    def _take(self, n: int) -> memoryview | bytearray:
+        """The next n bytes, from the buffer when they fit, else read into their own array."""
+        if n <= len(self._buf):
+            self._fill(n)
+            out = self._view[self._start : self._start + n]
+            self._start += n
+            return out
+        out = bytearray(n)
+        self._read_into(memoryview(out))
+        return out
+
+    def _read_into(self, view: memoryview) -> None:
+        have = min(self._buffered(), view.nbytes)
+        if have:
+            view[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        got = have
+        total = view.nbytes
+        while got < total:
+            n = self._recv(view[got:], idle=False)
+            if n == 0:
+                raise ProtocolError(f"connection closed inside a frame ({got} of {total} bytes read)")
+            got += n
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _recv(self, view: memoryview, *, idle: bool) -> int:
+        while True:
+            try:
+                return self.sock.recv_into(view)
+            except BlockingIOError:
+                # SO_RCVTIMEO expired: fine while idle between frames, fatal inside one.
+                if idle:
+                    continue
+                raise ProtocolError("peer stalled inside a frame") from None
