@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"modelserver: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
+    server.warm_up()
     server.serve_forever()
     return 0
 

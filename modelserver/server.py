@@ -109,6 +109,14 @@ class ModelServer:
             config.format_size(self.manager.budget_bytes) if self.manager.budget_bytes else "none",
         )
 
+    def warm_up(self) -> None:
+        """Import torch and run one tiny op before serving, so the first model's measured
+        footprint is the model's and not torch's own start-up allocations."""
+        import torch
+
+        with torch.inference_mode():
+            torch.nn.Linear(4, 4)(torch.zeros(2, 4))
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT only wake the accept loop; the loop stops the server."""
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)

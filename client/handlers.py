@@ -1,0 +1,417 @@
+"""Model handlers: the user's configuration of a model, with Beam's names and meaning.
+
+A handler says how to load a model and how to run a batch through it
+(``apache_beam.ml.inference.base.ModelHandler``). The PyTorch handlers never load
+anything themselves: they describe the model as a ``ModelSpec`` and hand it to
+``modelserver.loaders`` in this process, or to the model server when
+``large_model=True`` (``share_model_across_processes()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from client.results import PredictionResult
+from modelserver import loaders, userclass
+from modelserver.loaders import ModelSpec
+
+log = logging.getLogger("beamlet.handlers")
+
+ExampleT = TypeVar("ExampleT")
+PredictionT = TypeVar("PredictionT")
+ModelT = TypeVar("ModelT")
+
+
+class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
+    """How to load a model and run batches through it (Beam's ModelHandler contract)."""
+
+    def __init__(self) -> None:
+        self._cache_token = uuid.uuid4().hex
+
+    def load_model(self) -> ModelT:
+        """Load and return the model. Called once per process; its threads share it."""
+        raise NotImplementedError
+
+    def run_inference(
+        self,
+        batch: Sequence[ExampleT],
+        model: ModelT,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionT]:
+        """Run one batch through the model; one prediction per example, in order."""
+        raise NotImplementedError
+
+    def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
+        """Bytes in a batch, for metrics."""
+        total = 0
+        for example in batch:
+            total += _num_bytes(example)
+        return total
+
+    def get_metrics_namespace(self) -> str:
+        return "RunInference"
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        """Keyword arguments for batching: min_batch_size, max_batch_size, ..."""
+        return {}
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        """Raise ValueError when the handler cannot take these inference_args."""
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        """Point the handler at a new model file; the next load uses it."""
+
+    def share_model_across_processes(self) -> bool:
+        """True: one copy of the model per machine, in the model server (large_model)."""
+        return False
+
+    def model_spec(self) -> ModelSpec | None:
+        """The model as data for the model server; None for handlers that only run in-process."""
+        return None
+
+    def model_key(self) -> str:
+        """The key the model is registered under in the model server."""
+        return self.cache_key()
+
+    def cache_key(self) -> str:
+        """Identifies the model for the per-process cache: handlers with the same key share it."""
+        return self._cache_token
+
+    def model_copies(self) -> int:
+        return 1
+
+    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
+        return []
+
+    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
+        return []
+
+    def with_preprocess_fn(self, fn: Callable[[Any], Any]) -> ModelHandler[Any, PredictionT, ModelT]:
+        """A handler that applies ``fn`` to each example before batching."""
+        return _PreProcessingModelHandler(self, fn)
+
+    def with_postprocess_fn(self, fn: Callable[[Any], Any]) -> ModelHandler[ExampleT, Any, ModelT]:
+        """A handler that applies ``fn`` to each prediction."""
+        return _PostProcessingModelHandler(self, fn)
+
+
+class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
+    """Delegates everything to the handler it wraps."""
+
+    def __init__(self, base: ModelHandler[Any, Any, Any]):
+        self._base = base
+
+    def load_model(self) -> Any:
+        return self._base.load_model()
+
+    def run_inference(self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None) -> Iterable[Any]:
+        return self._base.run_inference(batch, model, inference_args)
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return self._base.get_num_bytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._base.get_metrics_namespace()
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return self._base.batch_elements_kwargs()
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        self._base.validate_inference_args(inference_args)
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        self._base.update_model_path(model_path)
+
+    def share_model_across_processes(self) -> bool:
+        return self._base.share_model_across_processes()
+
+    def model_spec(self) -> ModelSpec | None:
+        return self._base.model_spec()
+
+    def model_key(self) -> str:
+        return self._base.model_key()
+
+    def cache_key(self) -> str:
+        return self._base.cache_key()
+
+    def model_copies(self) -> int:
+        return self._base.model_copies()
+
+    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
+        return self._base.get_preprocess_fns()
+
+    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
+        return self._base.get_postprocess_fns()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+class _PreProcessingModelHandler(_WrappingModelHandler):
+    def __init__(self, base: ModelHandler[Any, Any, Any], fn: Callable[[Any], Any]):
+        super().__init__(base)
+        self._fn = fn
+
+    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
+        # Beam order: the most recently added preprocess fn runs first.
+        return [self._fn, *self._base.get_preprocess_fns()]
+
+
+class _PostProcessingModelHandler(_WrappingModelHandler):
+    def __init__(self, base: ModelHandler[Any, Any, Any], fn: Callable[[Any], Any]):
+        super().__init__(base)
+        self._fn = fn
+
+    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
+        return [*self._base.get_postprocess_fns(), self._fn]
+
+
+InferenceFn = Callable[..., Iterable[PredictionResult]]
+
+
+def default_tensor_inference_fn(
+    batch: Sequence[Any],
+    model: Any,
+    device: str,
+    inference_args: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> Iterable[PredictionResult]:
+    """Stack the batch, call the model once, pair each example with its row of output."""
+    import torch
+
+    batched = torch.stack([torch.as_tensor(x) for x in batch])
+    if device and device != "cpu" and not isinstance(model, RemoteModel):
+        batched = batched.to(device)
+    with torch.inference_mode():
+        predictions = model(batched, **(inference_args or {}))
+    return _pair(batch, predictions, model_id or _remote_id(model))
+
+
+def default_keyed_tensor_inference_fn(
+    batch: Sequence[dict[str, Any]],
+    model: Any,
+    device: str,
+    inference_args: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> Iterable[PredictionResult]:
+    """Stack each named tensor across the batch and call ``model(**named)``."""
+    import torch
+
+    keys = batch[0].keys()
+    batched = {k: torch.stack([torch.as_tensor(x[k]) for x in batch]) for k in keys}
+    if device and device != "cpu" and not isinstance(model, RemoteModel):
+        batched = {k: v.to(device) for k, v in batched.items()}
+    with torch.inference_mode():
+        predictions = model(**batched, **(inference_args or {}))
+    return _pair(batch, predictions, model_id or _remote_id(model))
+
+
+def _remote_id(model: Any) -> str | None:
+    return model.last_model_id if isinstance(model, RemoteModel) else None
+
+
+def _pair(batch: Sequence[Any], predictions: Any, model_id: str | None) -> list[PredictionResult]:
+    """One PredictionResult per example, as Beam pairs them: a map of outputs becomes one
+    map per row; a tuple of batch-shaped outputs (several heads) one tuple per row."""
+    n = len(batch)
+    if isinstance(predictions, dict):
+        rows: list[Any] = [{k: v[i] for k, v in predictions.items()} for i in range(n)]
+    elif isinstance(predictions, (list, tuple)) and predictions and all(
+        getattr(p, "shape", None) is not None and len(p.shape) and p.shape[0] == n for p in predictions
+    ) and len(predictions) != n:
+        rows = [type(predictions)(p[i] for p in predictions) for i in range(n)]
+    else:
+        rows = [predictions[i] for i in range(n)]
+    return [PredictionResult(x, y, model_id) for x, y in zip(batch, rows)]
+
+
+class RemoteModel:
+    """A model that lives in the model server; calling it sends one batch there.
+
+    ``model(x, **kwargs)`` and ``model(**named_tensors)`` work as for a local module.
+    Thread-safe: every call takes its own pooled connection.
+    """
+
+    def __init__(self, server: Any, key: str, spec: ModelSpec):
+        self._server = server
+        self.key = key
+        self.spec = spec
+        self.last_model_id: str | None = spec.model_id
+        self._local = threading.local()
+        info = server.load(key, spec)
+        self.device = info.get("device")
+        self.nbytes = info.get("nbytes", 0)
+        if spec.device.upper() == "GPU" and self.device == "cpu":
+            log.warning("model %s asked for a GPU; the model server runs it on the CPU", key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            if len(args) != 1:
+                raise TypeError("a remote model takes one positional input (a tensor or a map of tensors)")
+            inputs: Any = args[0]
+        else:
+            named = {k: v for k, v in kwargs.items() if _is_tensor(v)}
+            kwargs = {k: v for k, v in kwargs.items() if k not in named}
+            inputs = named
+        reply = self._server.infer(self.key, inputs, kwargs)
+        self.last_model_id = reply.get("model_id", self.last_model_id)
+        return reply["outputs"]
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
+    """What the tensor and keyed-tensor handlers share."""
+
+    _default_fn: InferenceFn
+
+    def __init__(
+        self,
+        state_dict_path: str | None = None,
+        model_class: Callable[..., Any] | None = None,
+        model_params: dict[str, Any] | None = None,
+        device: str = "CPU",
+        *,
+        inference_fn: InferenceFn | None = None,
+        torch_script_model_path: str | None = None,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: float | None = None,
+        large_model: bool = False,
+        load_model_args: dict[str, Any] | None = None,
+        socket_path: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        if torch_script_model_path and (state_dict_path or model_class):
+            raise ValueError("give either torch_script_model_path, or state_dict_path and model_class")
+        if not torch_script_model_path and model_class is None:
+            raise ValueError("a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path")
+        self._state_dict_path = state_dict_path
+        self._torch_script_model_path = torch_script_model_path
+        self._model_class = model_class
+        self._model_params = dict(model_params or {})
+        self._device = device
+        self._inference_fn = inference_fn or type(self)._default_fn
+        self._large_model = large_model
+        self._load_model_args = dict(load_model_args or {})
+        self._socket_path = socket_path
+        self._batching = {
+            k: v
+            for k, v in (
+                ("min_batch_size", min_batch_size),
+                ("max_batch_size", max_batch_size),
+                ("max_batch_duration_secs", max_batch_duration_secs),
+            )
+            if v is not None
+        }
+        self._batching.update(kwargs.pop("batch_elements_kwargs", {}) or {})
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        self._class_ref = userclass.describe(model_class) if model_class is not None else None
+        self._key = f"{self._name()}-{self.model_spec().digest()}"
+        self._resolved_device: str | None = None
+
+    def _name(self) -> str:
+        if self._class_ref:
+            return self._class_ref["name"].rsplit(":", 1)[-1]
+        return "torchscript"
+
+    def model_spec(self) -> ModelSpec:
+        if self._torch_script_model_path:
+            return ModelSpec(
+                "torchscript", self._torch_script_model_path, None, {}, self._device, self._load_model_args
+            )
+        return ModelSpec(
+            "pytorch_state_dict",
+            self._state_dict_path,
+            self._class_ref,
+            self._model_params,
+            self._device,
+            self._load_model_args,
+        )
+
+    def model_key(self) -> str:
+        return self._key
+
+    def cache_key(self) -> str:
+        return f"{self._key}:{self.model_spec().digest()}:{int(self._large_model)}"
+
+    def share_model_across_processes(self) -> bool:
+        return self._large_model
+
+    def load_model(self) -> Any:
+        spec = self.model_spec()
+        if self._large_model:
+            from client.serverclient import shared_client
+
+            return RemoteModel(shared_client(self._socket_path), self._key, spec)
+        loaded = loaders.load(spec)
+        self._resolved_device = loaded.device
+        return loaded.module
+
+    def run_inference(
+        self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
+        device = "cpu" if isinstance(model, RemoteModel) else _module_device(model)
+        return self._inference_fn(batch, model, device, inference_args, self.model_spec().model_id)
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return dict(self._batching)
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        if model_path is None:
+            return
+        if self._torch_script_model_path:
+            self._torch_script_model_path = model_path
+        else:
+            self._state_dict_path = model_path
+
+    def get_metrics_namespace(self) -> str:
+        return "BeamML_PyTorch"
+
+
+def _module_device(model: Any) -> str:
+    for p in model.parameters():
+        return str(p.device)
+    return "cpu"
+
+
+class PytorchModelHandlerTensor(_PytorchHandler):
+    """A PyTorch model whose examples are tensors (Beam's PytorchModelHandlerTensor).
+
+    Either ``state_dict_path`` + ``model_class`` (+ ``model_params``), or
+    ``torch_script_model_path``. ``device`` "CPU" or "GPU" (falls back to the CPU with a
+    warning where CUDA is unusable). ``large_model=True`` keeps one copy of the model per
+    machine, in the model server. ``inference_fn(batch, model, device, inference_args,
+    model_id)`` replaces the default stack-and-call.
+    """
+
+    _default_fn = staticmethod(default_tensor_inference_fn)
+
+
+class PytorchModelHandlerKeyedTensor(_PytorchHandler):
+    """A PyTorch model whose examples are maps of named tensors, called as ``model(**named)``
+    (Beam's PytorchModelHandlerKeyedTensor)."""
+
+    _default_fn = staticmethod(default_keyed_tensor_inference_fn)
+
+
+def _num_bytes(example: Any) -> int:
+    if hasattr(example, "element_size") and hasattr(example, "nelement"):
+        return int(example.element_size() * example.nelement())
+    if hasattr(example, "nbytes"):
+        return int(example.nbytes)
+    if isinstance(example, dict):
+        return sum(_num_bytes(v) for v in example.values())
+    if isinstance(example, (list, tuple)):
+        return sum(_num_bytes(v) for v in example)
+    return len(str(example))
