@@ -121,8 +121,9 @@ class _Encoder:
                     raise TypeError(f"cannot send an array of dtype {arr.dtype} on the wire")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        self.buffers.append(memoryview(arr).cast("B"))
-        self.nbytes += arr.nbytes
+        if arr.nbytes:
+            self.buffers.append(memoryview(arr).cast("B"))
+            self.nbytes += arr.nbytes
         shape = arr.shape
         return msgpack.ExtType(
             EXT_ARRAY, _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
@@ -178,14 +179,16 @@ class _Decoder:
                 raise ProtocolError("bfloat16 arrays travel as torch tensors only")
             arr = np.empty(shape, dtype=np_dtype)
             self.arrays.append(arr)
-            self.views.append(memoryview(arr).cast("B"))
+            if arr.nbytes:
+                self.views.append(memoryview(arr).cast("B"))
             return arr
         if kind == KIND_PT:
             torch = _torch_module()
             t = torch.empty(shape, dtype=_PT_DTYPES[dtype_code])
             holder = t.view(torch.uint16) if dtype_code == BF16 else t
             self.arrays.append(t)
-            self.views.append(memoryview(holder.numpy()).cast("B"))
+            if t.numel():
+                self.views.append(memoryview(holder.numpy()).cast("B"))
             return t
         raise ProtocolError(f"unknown array kind {kind}")
 
