@@ -1,0 +1,57 @@
+"""Code that runs in spawned test processes (importable by name, so spawn can find it)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows: int) -> dict:
+    """M threads in this process each run RunInference(large_model=True) on their own data;
+    returns the server's outputs and torch's in-process outputs for comparison."""
+    from client import PytorchModelHandlerTensor, RunInference
+    from tests.models import MLP
+
+    handler = PytorchModelHandlerTensor(
+        path, MLP, {}, max_batch_size=16, min_batch_size=16, large_model=True, socket_path=sock
+    )
+    local = MLP()
+    local.load_state_dict(torch.load(path, weights_only=True))
+    local.eval()
+    out: dict = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(proc_index * 1000 + t)
+            xs = [torch.randn(8, generator=g) for _ in range(rows)]
+            results = list(xs | RunInference(handler))
+            assert [r.example for r in results] == xs
+            server = torch.stack([r.inference for r in results])
+            with torch.inference_mode():
+                expected = torch.cat([local(torch.stack(xs[i : i + 16])) for i in range(0, rows, 16)])
+            out[t] = (server.numpy(), expected.numpy(), {r.model_id for r in results})
+        except BaseException as exc:  # reported to the parent
+            errors.append(exc)
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {t: (a, b, ids) for t, (a, b, ids) in out.items()}
+
+
+def race_to_start(sock: str, barrier, results) -> None:
+    from client import autostart
+    from modelserver.channel import Channel
+
+    barrier.wait()
+    autostart.ensure_server(sock)
+    with Channel(sock) as ch:
+        results.put(ch.server_pid)
+
+
