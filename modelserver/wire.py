@@ -23,6 +23,10 @@ from its descriptor as the header is unpacked and then ``recv_into``s the body s
 into those allocations. Only what the reader's small look-ahead buffer (``READ_AHEAD``)
 already holds is copied: small frames cost one recv, large arrays are not copied.
 
+Arrays of at most INLINE_MAX bytes travel inside the header instead, as
+ExtType(EXT_INLINE_ARRAY) holding the same descriptor followed by the raw bytes: for a
+one-row request that is cheaper than a separate buffer on both sides.
+
 Limits: H <= MAX_HEADER_BYTES; B <= the receiver's ``max_body`` (the server's
 ``--max-frame-bytes``); the descriptors must add up to exactly B. A frame that breaks a
 limit raises ``FrameTooLarge`` or ``ProtocolError``; the caller then closes the
@@ -50,6 +54,8 @@ PREFIX = struct.Struct("!2sBBIQ")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BODY = 1 << 30
 EXT_ARRAY = 1
+EXT_INLINE_ARRAY = 2
+INLINE_MAX = 4096
 _IOV_BATCH = 512
 
 # Wire dtypes, by index. bfloat16 has no numpy dtype: it travels as its raw 16 bits and
@@ -119,15 +125,15 @@ class _Encoder:
                     code = _NP_CODE[arr.dtype]
                 else:
                     raise TypeError(f"cannot send an array of dtype {arr.dtype} on the wire")
+        shape = arr.shape
+        desc = _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+        if arr.nbytes <= INLINE_MAX:
+            return msgpack.ExtType(EXT_INLINE_ARRAY, desc + arr.tobytes())
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        if arr.nbytes:
-            self.buffers.append(memoryview(arr).cast("B"))
-            self.nbytes += arr.nbytes
-        shape = arr.shape
-        return msgpack.ExtType(
-            EXT_ARRAY, _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
-        )
+        self.buffers.append(memoryview(arr).cast("B"))
+        self.nbytes += arr.nbytes
+        return msgpack.ExtType(EXT_ARRAY, desc)
 
     def _tensor(self, t: Any) -> msgpack.ExtType:
         torch = _torch_module()
@@ -148,49 +154,54 @@ class _Encoder:
 class _Decoder:
     """Allocates the arrays of one frame as its header is unpacked."""
 
-    __slots__ = ("arrays", "views", "nbytes", "limit")
+    __slots__ = ("views", "nbytes", "limit")
 
     def __init__(self, limit: int) -> None:
-        self.arrays: list[Any] = []
         self.views: list[memoryview] = []
         self.nbytes = 0
         self.limit = limit
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if code != EXT_ARRAY:
-            raise ProtocolError(f"unknown msgpack extension type {code}")
-        if len(data) < 3:
-            raise ProtocolError("malformed array descriptor")
+        if code not in (EXT_ARRAY, EXT_INLINE_ARRAY) or len(data) < 3:
+            raise ProtocolError(f"unknown or malformed msgpack extension (type {code})")
         kind, dtype_code, ndim = _DESC.unpack_from(data)
-        if len(data) != 3 + 8 * ndim or dtype_code >= len(DTYPE_NAMES):
+        end = 3 + 8 * ndim
+        if len(data) < end or dtype_code >= len(DTYPE_NAMES) or kind not in (KIND_NP, KIND_PT):
             raise ProtocolError("malformed array descriptor")
+        if kind == KIND_NP and dtype_code == BF16:
+            raise ProtocolError("bfloat16 arrays travel as torch tensors only")
         shape = struct.unpack_from(f"<{ndim}Q", data, 3)
         np_dtype = _NP_DTYPES[dtype_code]
         count = 1
         for d in shape:
             count *= d
-        self.nbytes += count * np_dtype.itemsize
+        nbytes = count * np_dtype.itemsize
+        if code == EXT_INLINE_ARRAY:
+            if len(data) - end != nbytes:
+                raise ProtocolError(f"inline array holds {len(data) - end} bytes, its shape needs {nbytes}")
+            arr = np.frombuffer(data, np_dtype, count, end).reshape(shape).copy()
+            if kind == KIND_NP:
+                return arr
+            t = _torch_module().from_numpy(arr)
+            return t.view(_PT_DTYPES[BF16]) if dtype_code == BF16 else t
+        if len(data) != end:
+            raise ProtocolError("malformed array descriptor")
+        self.nbytes += nbytes
         if self.nbytes > self.limit:
             raise ProtocolError(
                 f"array descriptors add up to more than the {self.limit}-byte frame body"
             )
         if kind == KIND_NP:
-            if dtype_code == BF16:
-                raise ProtocolError("bfloat16 arrays travel as torch tensors only")
             arr = np.empty(shape, dtype=np_dtype)
-            self.arrays.append(arr)
-            if arr.nbytes:
+            if nbytes:
                 self.views.append(memoryview(arr).cast("B"))
             return arr
-        if kind == KIND_PT:
-            torch = _torch_module()
-            t = torch.empty(shape, dtype=_PT_DTYPES[dtype_code])
+        torch = _torch_module()
+        t = torch.empty(shape, dtype=_PT_DTYPES[dtype_code])
+        if nbytes:
             holder = t.view(torch.uint16) if dtype_code == BF16 else t
-            self.arrays.append(t)
-            if t.numel():
-                self.views.append(memoryview(holder.numpy()).cast("B"))
-            return t
-        raise ProtocolError(f"unknown array kind {kind}")
+            self.views.append(memoryview(holder.numpy()).cast("B"))
+        return t
 
 
 def encode(message: Any) -> tuple[bytes, list[memoryview]]:

@@ -155,7 +155,7 @@ def test_malformed_frames_close_only_their_connection(server, mlp):
         s.sendall(wire.PREFIX.pack(b"BL", wire.VERSION, 0, 4, 0) + b"\xc1\xc1\xc1\xc1")
         assert b"malformed frame header" in read_until_closed(s)
         # truncated: half a frame, then the client goes away
-        head, bufs = wire.encode({"op": "infer", "id": 1, "key": "mlp", "inputs": torch.ones(100, 8)})
+        head, bufs = wire.encode({"op": "infer", "id": 1, "key": "mlp", "inputs": torch.ones(1000, 8)})
         s = raw_connection(server.path)
         s.sendall(head + bytes(bufs[0])[:50])
         s.close()

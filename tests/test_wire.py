@@ -116,10 +116,13 @@ def test_bad_magic_version_and_sizes_are_refused():
 
 
 def test_body_must_match_the_array_descriptors():
-    head, buffers = wire.encode({"x": np.zeros(4, np.float32)})
+    head, buffers = wire.encode({"x": np.zeros(2048, np.float32)})
     header = head[wire.PREFIX.size :]
-    with pytest.raises(ProtocolError, match="need 16 bytes"):
-        read_raw(frame(header, b"\0" * 20))
+    with pytest.raises(ProtocolError, match="need 8192 bytes"):
+        read_raw(frame(header, b"\0" * 8200))
+    small = wire._DESC.pack(0, 10, 1) + struct.pack("<Q", 4) + b"\0" * 15
+    with pytest.raises(ProtocolError, match="inline array holds 15 bytes, its shape needs 16"):
+        read_raw(frame(msgpack.packb(msgpack.ExtType(wire.EXT_INLINE_ARRAY, small))))
     desc = wire._DESC.pack(0, 10, 1) + struct.pack("<Q", 1 << 40)
     liar = msgpack.packb(msgpack.ExtType(wire.EXT_ARRAY, desc))
     with pytest.raises(ProtocolError, match="add up to more"):

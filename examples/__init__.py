@@ -1,0 +1,1 @@
+"""Runnable examples of beamlet. ``make demo`` runs ``python -m examples.demo``."""
