@@ -65,9 +65,7 @@ def _wait_until_serving(path: str, proc: subprocess.Popen[bytes], timeout: float
             )
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
-    raise ServerUnavailable(
-        f"no model server answered at {path} within {timeout:.0f}s; see {log_path(path)}"
-    )
+    raise ServerUnavailable(f"no model server answered at {path} within {timeout:.0f}s; see {log_path(path)}")
 
 
 def log_path(path: str) -> str:

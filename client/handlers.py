@@ -108,7 +108,9 @@ class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
     def load_model(self) -> Any:
         return self._base.load_model()
 
-    def run_inference(self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None) -> Iterable[Any]:
+    def run_inference(
+        self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[Any]:
         return self._base.run_inference(batch, model, inference_args)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
@@ -220,9 +222,14 @@ def _pair(batch: Sequence[Any], predictions: Any, model_id: str | None) -> list[
     n = len(batch)
     if isinstance(predictions, dict):
         rows: list[Any] = [{k: v[i] for k, v in predictions.items()} for i in range(n)]
-    elif isinstance(predictions, (list, tuple)) and predictions and all(
-        getattr(p, "shape", None) is not None and len(p.shape) and p.shape[0] == n for p in predictions
-    ) and len(predictions) != n:
+    elif (
+        isinstance(predictions, (list, tuple))
+        and predictions
+        and all(
+            getattr(p, "shape", None) is not None and len(p.shape) and p.shape[0] == n for p in predictions
+        )
+        and len(predictions) != n
+    ):
         rows = [type(predictions)(p[i] for p in predictions) for i in range(n)]
     else:
         rows = [predictions[i] for i in range(n)]
@@ -294,7 +301,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         if torch_script_model_path and (state_dict_path or model_class):
             raise ValueError("give either torch_script_model_path, or state_dict_path and model_class")
         if not torch_script_model_path and model_class is None:
-            raise ValueError("a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path")
+            raise ValueError(
+                "a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path"
+            )
         self._state_dict_path = state_dict_path
         self._torch_script_model_path = torch_script_model_path
         self._model_class = model_class

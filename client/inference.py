@@ -82,7 +82,9 @@ class RunInference:
     """Runs ``model_handler`` over examples; yields PredictionResults (or what the
     handler's postprocess functions make of them) in input order."""
 
-    def __init__(self, model_handler: ModelHandler[Any, Any, Any], inference_args: dict[str, Any] | None = None):
+    def __init__(
+        self, model_handler: ModelHandler[Any, Any, Any], inference_args: dict[str, Any] | None = None
+    ):
         model_handler.validate_inference_args(inference_args)
         self._handler = model_handler
         self._inference_args = inference_args

@@ -66,18 +66,18 @@ class ServerClient:
                 ch.sock.close()
             self._reset_pool()
         with self._lock:
-            ch = self._idle.pop() if self._idle else None
-        if ch is None:
-            ch = self._connect()
+            pooled = self._idle.pop() if self._idle else None
+        ch = pooled if pooled is not None else self._connect()
         try:
             yield ch
         finally:
+            kept = False
             if not ch.dead:
                 with self._lock:
                     if len(self._idle) < MAX_IDLE_CHANNELS:
                         self._idle.append(ch)
-                        ch = None  # type: ignore[assignment]
-            if ch is not None:
+                        kept = True
+            if not kept:
                 ch.close()
 
     def _connect(self) -> Channel:

@@ -67,7 +67,7 @@ class Channel:
             raise ServerUnavailable(f"connection to {self.path} is closed")
         ids = [next(self._ids) for _ in messages]
         frames = [wire.encode({**m, "id": rid}) for m, rid in zip(messages, ids)]
-        for head, buffers in frames:
+        for _head, buffers in frames:
             body = sum(b.nbytes for b in buffers)
             if self.max_frame_bytes is not None and body > self.max_frame_bytes:
                 raise FrameTooLarge(

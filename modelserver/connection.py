@@ -31,9 +31,7 @@ SEND_TIMEOUT = 60.0
 def _set_timeouts(sock: socket.socket) -> None:
     for opt, seconds in ((socket.SO_RCVTIMEO, RECV_TIMEOUT), (socket.SO_SNDTIMEO, SEND_TIMEOUT)):
         whole = int(seconds)
-        sock.setsockopt(
-            socket.SOL_SOCKET, opt, struct.pack("ll", whole, int((seconds - whole) * 1e6))
-        )
+        sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 class Connection:

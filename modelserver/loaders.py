@@ -137,7 +137,7 @@ def load(spec: ModelSpec) -> LoadedModel:
                 module.load_state_dict(state)
             except Exception as exc:
                 raise ModelLoadError(
-                    f"checkpoint {path} does not fit {spec.model_class['name']}: {_first_line(exc)}"
+                    f"checkpoint {path} does not fit {(spec.model_class or {}).get('name')}: {_first_line(exc)}"
                 ) from None
         module = module.to(device)
     module.eval()

@@ -171,13 +171,17 @@ class ModelManager:
             del model
             gc.collect()
             raise OutOfMemory(
-                f"model {key!r} needs {footprint} bytes, more than the whole "
-                f"{self.budget_bytes}-byte budget"
+                f"model {key!r} needs {footprint} bytes, more than the whole {self.budget_bytes}-byte budget"
             )
         self._make_room(key, footprint)
         log.info(
             "loaded %s (%s) on %s: %d tensor bytes, RSS +%d, %.2fs",
-            key, spec.model_id, model.device, model.nbytes, rss_delta, seconds,
+            key,
+            spec.model_id,
+            model.device,
+            model.nbytes,
+            rss_delta,
+            seconds,
         )
         batcher = Batcher(key, model)
         return batcher, footprint, rss_delta, seconds
@@ -192,7 +196,8 @@ class ModelManager:
                 if used + needed <= self.budget_bytes:
                     return
                 idle = [
-                    s for s in self._slots.values()
+                    s
+                    for s in self._slots.values()
                     if s.loaded and s.key != key and s.batcher is not None and not s.batcher.busy
                 ]
                 if not idle:
@@ -212,6 +217,4 @@ class ModelManager:
         batcher = old.batcher
         old.batcher = None
         if batcher is not None:
-            threading.Thread(
-                target=batcher.drain, name=f"retire-{old.key}", daemon=True
-            ).start()
+            threading.Thread(target=batcher.drain, name=f"retire-{old.key}", daemon=True).start()

@@ -154,9 +154,11 @@ class _Bundler:
             self.constants[name] = f"{name} = {value!r}"
         elif isinstance(value, (type, types.FunctionType)) and value.__module__ == self.module.__name__:
             self._add_definition(name, value)
-        elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)) or callable(
-            value
-        ) and hasattr(value, "__qualname__"):
+        elif (
+            isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType))
+            or callable(value)
+            and hasattr(value, "__qualname__")
+        ):
             self._add_foreign(name, value)
         else:
             raise ShipError(

@@ -131,7 +131,7 @@ class _Encoder:
             return msgpack.ExtType(EXT_INLINE_ARRAY, desc + arr.tobytes())
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        self.buffers.append(memoryview(arr).cast("B"))
+        self.buffers.append(memoryview(arr).cast("B"))  # type: ignore[arg-type]
         self.nbytes += arr.nbytes
         return msgpack.ExtType(EXT_ARRAY, desc)
 
@@ -188,13 +188,11 @@ class _Decoder:
             raise ProtocolError("malformed array descriptor")
         self.nbytes += nbytes
         if self.nbytes > self.limit:
-            raise ProtocolError(
-                f"array descriptors add up to more than the {self.limit}-byte frame body"
-            )
+            raise ProtocolError(f"array descriptors add up to more than the {self.limit}-byte frame body")
         if kind == KIND_NP:
             arr = np.empty(shape, dtype=np_dtype)
             if nbytes:
-                self.views.append(memoryview(arr).cast("B"))
+                self.views.append(memoryview(arr).cast("B"))  # type: ignore[arg-type]
             return arr
         torch = _torch_module()
         t = torch.empty(shape, dtype=_PT_DTYPES[dtype_code])
@@ -209,9 +207,7 @@ def encode(message: Any) -> tuple[bytes, list[memoryview]]:
     enc = _Encoder()
     header = msgpack.packb(message, default=enc.default, use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:
-        raise FrameTooLarge(
-            f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit"
-        )
+        raise FrameTooLarge(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(header), enc.nbytes)
     return prefix + header, enc.buffers
 
@@ -283,9 +279,7 @@ class FrameReader:
                 f"frame header of {header_len} bytes is over the {MAX_HEADER_BYTES}-byte limit"
             )
         if body_len > self.max_body:
-            raise FrameTooLarge(
-                f"frame body of {body_len} bytes is over the {self.max_body}-byte limit"
-            )
+            raise FrameTooLarge(f"frame body of {body_len} bytes is over the {self.max_body}-byte limit")
         self._start += PREFIX.size
         header = self._take(header_len)
         dec = _Decoder(body_len)
@@ -296,9 +290,7 @@ class FrameReader:
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise ProtocolError(f"malformed frame header: {exc}") from None
         if dec.nbytes != body_len:
-            raise ProtocolError(
-                f"frame body is {body_len} bytes but its arrays need {dec.nbytes} bytes"
-            )
+            raise ProtocolError(f"frame body is {body_len} bytes but its arrays need {dec.nbytes} bytes")
         for view in dec.views:
             self._read_into(view)
         return message
@@ -329,12 +321,12 @@ class FrameReader:
         """The next n bytes, from the buffer when they fit, else read into their own array."""
         if n <= len(self._buf):
             self._fill(n)
-            out = self._view[self._start : self._start + n]
+            view = self._view[self._start : self._start + n]
             self._start += n
-            return out
-        out = bytearray(n)
-        self._read_into(memoryview(out))
-        return out
+            return view
+        own = bytearray(n)
+        self._read_into(memoryview(own))
+        return own
 
     def _read_into(self, view: memoryview) -> None:
         have = min(self._buffered(), view.nbytes)

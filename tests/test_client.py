@@ -21,13 +21,13 @@ from client import (
     PytorchModelHandlerTensor,
     RunInference,
     ServerClient,
+    autostart,
 )
-from client import autostart
 from modelserver import userclass
 from modelserver.errors import ModelLoadError
+from tests import workers
 from tests.conftest import ROOT, server_env, server_processes
 from tests.models import MLP, TwoInputs, make_checkpoint
-from tests import workers
 
 
 @pytest.fixture
@@ -56,7 +56,9 @@ def test_in_process_results_are_torchs_in_input_order(ckpt):
 def test_large_model_gives_identical_results_via_an_auto_started_server(ckpt, sock_path):
     model, path = ckpt
     xs = examples(100)
-    local = list(xs | RunInference(PytorchModelHandlerTensor(path, MLP, {}, max_batch_size=16, min_batch_size=16)))
+    local = list(
+        xs | RunInference(PytorchModelHandlerTensor(path, MLP, {}, max_batch_size=16, min_batch_size=16))
+    )
     handler = PytorchModelHandlerTensor(path, MLP, {}, max_batch_size=16, min_batch_size=16, large_model=True)
     remote = list(xs | RunInference(handler))
     assert [r.example for r in remote] == xs
@@ -231,7 +233,11 @@ def test_model_class_from_the_users_own_script_or_module(where, private_dir, soc
         f.write(source)
     run = subprocess.run(
         [sys.executable, script, os.path.join(private_dir, "w.pt")],
-        env=server_env(), cwd=private_dir, capture_output=True, text=True, timeout=120,
+        env=server_env(),
+        cwd=private_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"ok": True}

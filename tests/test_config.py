@@ -12,7 +12,14 @@ from modelserver import config
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("512MiB", 512 << 20), ("8GiB", 8 << 30), ("1.5GB", 1_500_000_000), ("1024", 1024), ("2 kib", 2048), ("3k", 3000)],
+    [
+        ("512MiB", 512 << 20),
+        ("8GiB", 8 << 30),
+        ("1.5GB", 1_500_000_000),
+        ("1024", 1024),
+        ("2 kib", 2048),
+        ("3k", 3000),
+    ],
 )
 def test_parse_size(text, expected):
     assert config.parse_size(text) == expected
@@ -32,7 +39,9 @@ def test_socket_path_resolution_order(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert config.socket_path() == str(tmp_path / "beamlet" / "modelserver.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert config.socket_path() == os.path.join(tempfile.gettempdir(), f"beamlet-{os.getuid()}", "modelserver.sock")
+    assert config.socket_path() == os.path.join(
+        tempfile.gettempdir(), f"beamlet-{os.getuid()}", "modelserver.sock"
+    )
 
 
 def test_private_dir_is_created_0700_and_foreign_ones_refused(tmp_path):

@@ -172,7 +172,13 @@ def test_oversized_frames_are_refused(sock_path, private_dir):
     try:
         with srv.channel() as ch:
             ch.request(
-                {"op": "load", "key": "id", "spec": ModelSpec("pytorch_state_dict", None, {"name": "torch.nn:Identity", "source": None}).to_wire()}
+                {
+                    "op": "load",
+                    "key": "id",
+                    "spec": ModelSpec(
+                        "pytorch_state_dict", None, {"name": "torch.nn:Identity", "source": None}
+                    ).to_wire(),
+                }
             )
             # the client knows the limit from the handshake and refuses before sending
             with pytest.raises(FrameTooLarge, match="over the server's 1048576-byte frame limit"):
@@ -209,7 +215,10 @@ def test_slow_request_does_not_block_other_clients(server, mlp, private_dir):
     try:
         with server.channel() as ch:
             deadline = time.monotonic() + 20
-            while not any(m["key"] == "gate" and m["in_flight"] for m in ch.request({"op": "status"})["status"]["models"]):
+            while not any(
+                m["key"] == "gate" and m["in_flight"]
+                for m in ch.request({"op": "status"})["status"]["models"]
+            ):
                 assert time.monotonic() < deadline, "gate request never reached the model"
             for _ in range(20):
                 x = torch.randn(3, 8)
@@ -279,7 +288,11 @@ def test_status_command_shows_models_and_counts(server, mlp):
         ch.request({"op": "infer", "key": "mlp", "inputs": x})
     run = subprocess.run(
         [sys.executable, "-m", "modelserver", "status", "--socket", server.path, "--json"],
-        env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
     status = json.loads(run.stdout)
@@ -289,7 +302,11 @@ def test_status_command_shows_models_and_counts(server, mlp):
     assert model["requests"] == 1 and model["rows"] == 5
     human = subprocess.run(
         [sys.executable, "-m", "modelserver", "status", "--socket", server.path],
-        env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "mlp" in human.stdout and "model_id" in human.stdout
 
@@ -298,7 +315,11 @@ def test_stop_command_and_sigterm_remove_the_socket(sock_path):
     srv = start_server(sock_path)
     run = subprocess.run(
         [sys.executable, "-m", "modelserver", "stop", "--socket", sock_path],
-        env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
     assert srv.proc.wait(20) == 0
@@ -313,7 +334,11 @@ def test_stop_command_and_sigterm_remove_the_socket(sock_path):
 def test_second_server_on_the_same_socket_exits_and_stale_sockets_are_replaced(server, sock_path):
     second = subprocess.run(
         [sys.executable, "-m", "modelserver", "serve", "--socket", sock_path],
-        env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert second.returncode == 3 and "already serves" in second.stderr
     server.proc.kill()

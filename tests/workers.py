@@ -53,5 +53,3 @@ def race_to_start(sock: str, barrier, results) -> None:
     autostart.ensure_server(sock)
     with Channel(sock) as ch:
         results.put(ch.server_pid)
-
-
