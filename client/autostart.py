@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import modelserver
 from modelserver import config
@@ -39,19 +40,23 @@ def server_alive(path: str) -> bool:
         return False
 
 
-def ensure_server(path: str, extra_args: list[str] | None = None, timeout: float = START_TIMEOUT) -> None:
+def ensure_server(
+    path: str, extra_args: list[str] | None = None, timeout: float = START_TIMEOUT
+) -> None:
     """Return once a server answers at ``path``, starting one if needed."""
     if server_alive(path):
         return
     proc = spawn_server(path, extra_args)
     try:
-        _wait_until_serving(path, proc, timeout)
+        wait_until_serving(path, proc, timeout)
     finally:
         # Reap it whenever it exits, so no zombie stays behind in a long-lived worker.
         threading.Thread(target=proc.wait, name=f"reap-modelserver-{proc.pid}", daemon=True).start()
 
 
-def _wait_until_serving(path: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_until_serving(path: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
+    """Poll until a server answers at ``path``; fail early if ``proc`` died for a reason
+    other than losing the start race."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:
@@ -72,13 +77,21 @@ def log_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), "modelserver.log")
 
 
-def spawn_server(path: str, extra_args: list[str] | None = None) -> subprocess.Popen[bytes]:
+_FROM_ENV = object()
+
+
+def spawn_server(
+    path: str, extra_args: list[str] | None = None, idle_timeout: Any = _FROM_ENV
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m modelserver serve`` for ``path`` in its own session. The idle
+    timeout comes from BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none."""
     config.ensure_private_dir(os.path.dirname(path))
-    idle = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
-    args = [
-        sys.executable, "-m", "modelserver", "serve", "--socket", path, "--idle-timeout", idle,
-        *(extra_args or []),
-    ]  # fmt: skip
+    if idle_timeout is _FROM_ENV:
+        idle_timeout = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
+    args = [sys.executable, "-m", "modelserver", "serve", "--socket", path]
+    if idle_timeout is not None:
+        args += ["--idle-timeout", str(idle_timeout)]
+    args += extra_args or []
     env = dict(os.environ)
     # The server must import beamlet from wherever this process found it (a checkout or
     # a virtualenv), whatever its working directory.

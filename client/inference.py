@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from client import batching
@@ -41,7 +41,8 @@ class ModelCache:
         self._reset()
         self._models = models
 
-    def get(self, handler: ModelHandler[Any, Any, Any]) -> Any:
+    def get(self, handler: ModelHandler[Any, Any, Any], metrics: InferenceMetrics | None = None) -> Any:
+        """The handler's model, loading it on first use (the load is timed into ``metrics``)."""
         key = handler.cache_key()
         with self._lock:
             if key in self._models:
@@ -51,7 +52,11 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
+            started = time.perf_counter()
             model = handler.load_model()
+            if metrics is not None:
+                metrics.load_model_latency_milli_secs.append(int((time.perf_counter() - started) * 1000))
+                metrics.model_byte_size.append(_model_bytes(model))
             with self._lock:
                 self._models[key] = model
                 self._loading.pop(key, None)
@@ -65,60 +70,127 @@ class ModelCache:
 models = ModelCache()
 
 
+def _model_bytes(model: Any) -> int:
+    nbytes = getattr(model, "nbytes", None)  # a RemoteModel knows its size in the server
+    if isinstance(nbytes, int):
+        return nbytes
+    try:
+        from modelserver.loaders import tensor_bytes
+
+        return tensor_bytes(model)
+    except Exception:
+        return 0
+
+
 @dataclass
 class InferenceMetrics:
-    """Counters with Beam's RunInference metric names."""
+    """Counters and distributions with Beam's RunInference metric names."""
 
     num_inferences: int = 0
     inference_request_batch_size: list[int] = field(default_factory=list)
     inference_request_batch_byte_size: list[int] = field(default_factory=list)
     inference_batch_latency_micro_secs: list[int] = field(default_factory=list)
-    load_model_latency_milli_secs: int = 0
-    model_byte_size: int = 0
+    load_model_latency_milli_secs: list[int] = field(default_factory=list)
+    model_byte_size: list[int] = field(default_factory=list)
     failed_batches_counter: int = 0
+
+    def merge(self, other: InferenceMetrics) -> None:
+        self.num_inferences += other.num_inferences
+        self.failed_batches_counter += other.failed_batches_counter
+        for name in (
+            "inference_request_batch_size",
+            "inference_request_batch_byte_size",
+            "inference_batch_latency_micro_secs",
+            "load_model_latency_milli_secs",
+            "model_byte_size",
+        ):
+            getattr(self, name).extend(getattr(other, name))
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> InferenceMetrics:
+        return cls(**data)
 
 
 class RunInference:
     """Runs ``model_handler`` over examples; yields PredictionResults (or what the
-    handler's postprocess functions make of them) in input order."""
+    handler's postprocess functions make of them) in input order.
+
+    ``with_exception_handling()``: a batch whose inference raises does not stop the run;
+    its examples go to the failed output with the exception's text (Beam's dead letters).
+    """
 
     def __init__(
-        self, model_handler: ModelHandler[Any, Any, Any], inference_args: dict[str, Any] | None = None
+        self,
+        model_handler: ModelHandler[Any, Any, Any],
+        inference_args: dict[str, Any] | None = None,
     ):
         model_handler.validate_inference_args(inference_args)
-        self._handler = model_handler
+        self.handler = model_handler
         self._inference_args = inference_args
+        self.exception_handling = False
         self.metrics = InferenceMetrics()
+        self.failed: list[tuple[Any, str]] = []
+        self._sizer: batching.BatchSizer | None = None
+
+    def with_exception_handling(self) -> RunInference:
+        self.exception_handling = True
+        return self
 
     def __ror__(self, examples: Iterable[Any]) -> Iterator[Any]:
         return self.run(examples)
 
     def run(self, examples: Iterable[Any]) -> Iterator[Any]:
-        handler = self._handler
-        started = time.monotonic()
-        model = models.get(handler)
-        if not self.metrics.load_model_latency_milli_secs:
-            self.metrics.load_model_latency_milli_secs = int((time.monotonic() - started) * 1000)
-        pre = handler.get_preprocess_fns()
-        post = handler.get_postprocess_fns()
-        sizer = batching.from_kwargs(dict(handler.batch_elements_kwargs()))
+        """Lazily run over any iterable, batching as the handler asks. Failed examples
+        (with exception handling on) collect in ``self.failed``."""
+        sizer = batching.from_kwargs(dict(self.handler.batch_elements_kwargs()))
         items: Iterable[Any] = examples
-        for fn in pre:
+        for fn in self.handler.get_preprocess_fns():
             items = map(fn, items)
         for batch in batching.batches(items, sizer):
-            t0 = time.perf_counter()
-            results = list(handler.run_inference(batch, model, self._inference_args))
-            elapsed = time.perf_counter() - t0
-            sizer.record(len(batch), elapsed)
-            self._account(batch, elapsed)
-            for result in results:
-                for fn in post:
-                    result = fn(result)
-                yield result
+            results, failed = self._run_batch(batch, sizer, self.metrics)
+            self.failed.extend(failed)
+            yield from results
 
-    def _account(self, batch: list[Any], elapsed: float) -> None:
-        m = self.metrics
-        m.num_inferences += len(batch)
-        m.inference_request_batch_size.append(len(batch))
-        m.inference_request_batch_byte_size.append(self._handler.get_num_bytes(batch))
-        m.inference_batch_latency_micro_secs.append(int(elapsed * 1e6))
+    def process_bundle(
+        self, elements: list[Any], metrics: InferenceMetrics
+    ) -> tuple[list[Any], list[tuple[Any, str]]]:
+        """Run over one bundle (a worker's unit of work): (results, failed examples)."""
+        if self._sizer is None:  # one sizer per process, learning across bundles
+            self._sizer = batching.from_kwargs(dict(self.handler.batch_elements_kwargs()))
+        sizer = self._sizer
+        for fn in self.handler.get_preprocess_fns():
+            elements = [fn(x) for x in elements]
+        results: list[Any] = []
+        failed: list[tuple[Any, str]] = []
+        for batch in batching.batches(elements, sizer):
+            ok, bad = self._run_batch(batch, sizer, metrics)
+            results.extend(ok)
+            failed.extend(bad)
+        return results, failed
+
+    def _run_batch(
+        self, batch: list[Any], sizer: batching.BatchSizer, metrics: InferenceMetrics
+    ) -> tuple[list[Any], list[tuple[Any, str]]]:
+        handler = self.handler
+        model = models.get(handler, metrics)
+        t1 = time.perf_counter()
+        try:
+            results = list(handler.run_inference(batch, model, self._inference_args))
+            for fn in handler.get_postprocess_fns():
+                results = [fn(r) for r in results]
+        except Exception as exc:
+            metrics.failed_batches_counter += 1
+            if not self.exception_handling:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            return [], [(x, error) for x in batch]
+        elapsed = time.perf_counter() - t1
+        sizer.record(len(batch), elapsed)
+        metrics.num_inferences += len(batch)
+        metrics.inference_request_batch_size.append(len(batch))
+        metrics.inference_request_batch_byte_size.append(handler.get_num_bytes(batch))
+        metrics.inference_batch_latency_micro_secs.append(int(elapsed * 1e6))
+        return results, []

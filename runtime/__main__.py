@@ -1,0 +1,78 @@
+"""``python -m runtime run PIPELINE``: the main job from the command line.
+
+PIPELINE is a Python file or module defining ``build_pipeline(input, output)`` that
+returns a ``runtime.Pipeline`` (a read step, steps, a write step). The workers are
+started as ``python -m runtime.worker`` and import the same file, so what they run is
+what you wrote. A progress bar shows on a terminal; a summary prints at the end; dead
+letters, if any, are written beside the output as ``<output>.dead_letters.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from runtime.harness import Harness, PipelineError
+from runtime.pipeline import WriteToJsonLines, to_jsonable
+from runtime.worker import load_pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a pipeline file on a harness of SDK workers")
+    run.add_argument("pipeline", help="pipeline file or module (defines build_pipeline(input, output))")
+    run.add_argument("--input", default=None, help="passed to build_pipeline")
+    run.add_argument("--output", default=None, help="passed to build_pipeline")
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--threads", type=int, default=4)
+    run.add_argument("--bundle-size", type=int, default=256)
+    run.add_argument("--bundle-timeout", type=float, default=600.0, metavar="SECONDS")
+    run.add_argument("--socket", default=None, help="model server socket (default: BEAMLET_SOCKET or per-user)")
+    run.add_argument("--memory-budget", default=None, metavar="SIZE", help="for a model server this run starts")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    try:
+        pipeline = load_pipeline(args.pipeline, args.input, args.output)
+    except Exception as exc:
+        print(f"runtime: cannot load {args.pipeline}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    harness = Harness(
+        args.workers,
+        args.threads,
+        bundle_size=args.bundle_size,
+        bundle_timeout=args.bundle_timeout,
+        socket_path=args.socket,
+        server_args=["--memory-budget", args.memory_budget] if args.memory_budget else [],
+        progress=False if args.no_progress else None,
+        pipeline_ref=args.pipeline,
+        pipeline_args=(args.input, args.output),
+    )
+    try:
+        summary = harness.run(pipeline)
+    except PipelineError as exc:
+        print(f"runtime: the run failed: {exc}", file=sys.stderr)
+        return 1
+    if summary.dead_letters and isinstance(pipeline.sink, WriteToJsonLines):
+        path = pipeline.sink.path + ".dead_letters.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for d in summary.dead_letters:
+                f.write(json.dumps(to_jsonable(d)) + "\n")
+        print(f"dead letters: {path}", file=sys.stderr)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary)
+    if summary.interrupted:
+        return 128 + int(signal.Signals[summary.interrupted])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

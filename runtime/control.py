@@ -1,0 +1,62 @@
+"""The control protocol between the harness and its SDK workers.
+
+Frames are ``modelserver.wire`` frames (msgpack header, arrays as raw buffers, no
+pickle) over a Unix stream socket that the harness listens on. The worker connects.
+
+    direction          op              fields
+    worker -> harness  hello           worker, pid, threads
+    harness -> worker  bundle          bundle, attempt, elements
+    worker -> harness  result          bundle, attempt, outputs, dead_letters, metrics
+    worker -> harness  bundle_failed   bundle, attempt, error (user code raised)
+    worker -> harness  heartbeat       -   (every HEARTBEAT_SECONDS, from its own thread)
+    worker -> harness  boot_failed     error (then the worker exits with EXIT_BOOT_FAILED)
+    harness -> worker  stop            -   (finish in-flight bundles, then exit 0)
+
+Elements, outputs and dead letters are whatever msgpack and the wire's array encoding
+carry: None, bools, numbers, strings, bytes, lists, maps, numpy arrays, torch tensors;
+NamedTuples (PredictionResult) travel as maps. The worker's exit codes:
+
+    0                  stopped when asked
+    EXIT_BOOT_FAILED   could not start (bad pipeline, unimportable code): do not restart
+    EXIT_LOST_HARNESS  its control connection closed: the harness is gone
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+from modelserver import wire
+from modelserver.errors import ProtocolError
+
+EXIT_BOOT_FAILED = 4
+EXIT_LOST_HARNESS = 5
+HEARTBEAT_SECONDS = 1.0
+
+
+class ControlChannel:
+    """One end of a control connection: thread-safe ``send``, single-reader ``read``."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._reader = wire.FrameReader(sock, max_body=1 << 40)
+        self._send_lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._send_lock:
+            wire.send_frame(self.sock, message)
+
+    def read(self) -> dict[str, Any] | None:
+        """The next message, or None when the other end closed the connection."""
+        message = self._reader.read()
+        if message is not None and not isinstance(message, dict):
+            raise ProtocolError(f"control message must be a map, got {type(message).__name__}")
+        return message
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

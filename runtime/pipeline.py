@@ -1,0 +1,305 @@
+"""A small pipeline vocabulary, Beam style: read -> Map/FlatMap/Filter/RunInference -> write.
+
+    pipeline = (
+        ReadFromJsonLines("in.jsonl")
+        | Map(parse)
+        | RunInference(handler).with_exception_handling()
+        | Map(format_result)
+        | WriteToJsonLines("out.jsonl")
+    )
+    Harness(workers=2, threads=4).run(pipeline)
+
+Steps are plain objects holding the user's functions and handlers as written; a forked
+SDK worker inherits them, and ``python -m runtime.worker`` imports them from the
+pipeline's module. ``process_bundle`` is how a worker runs the steps over one bundle:
+element-wise steps map each element, RunInference batches the bundle's elements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from client.inference import InferenceMetrics, RunInference, models
+
+
+class Step:
+    """One stage applied to every element of a bundle."""
+
+    label: str = "step"
+
+    def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Runs once in each worker before its first bundle."""
+
+    def __ror__(self, other: Any) -> Any:
+        if isinstance(other, (Source, Pipeline)):
+            return Pipeline.of(other) | self
+        return NotImplemented
+
+
+class Map(Step):
+    def __init__(self, fn: Callable[[Any], Any], label: str | None = None):
+        self.fn = fn
+        self.label = label or f"Map({_name(fn)})"
+
+    def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
+        return [self.fn(x) for x in elements]
+
+
+class FlatMap(Step):
+    def __init__(self, fn: Callable[[Any], Iterable[Any]], label: str | None = None):
+        self.fn = fn
+        self.label = label or f"FlatMap({_name(fn)})"
+
+    def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
+        return [y for x in elements for y in self.fn(x)]
+
+
+class Filter(Step):
+    def __init__(self, fn: Callable[[Any], bool], label: str | None = None):
+        self.fn = fn
+        self.label = label or f"Filter({_name(fn)})"
+
+    def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
+        return [x for x in elements if self.fn(x)]
+
+
+class InferenceStep(Step):
+    """RunInference inside a pipeline: batches each bundle's elements."""
+
+    def __init__(self, transform: RunInference):
+        self.transform = transform
+        self.label = f"RunInference({type(transform.handler).__name__})"
+        self.setup_metrics: InferenceMetrics | None = None
+
+    def setup(self) -> None:
+        self.setup_metrics = InferenceMetrics()
+        models.get(self.transform.handler, self.setup_metrics)
+
+    def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
+        results, failed = self.transform.process_bundle(elements, InferenceMetrics())
+        for example, error in failed:
+            out.dead_letters.append({"step": self.label, "element": example, "error": error})
+        return results
+
+
+def as_step(obj: Any) -> Step:
+    if isinstance(obj, Step):
+        return obj
+    if isinstance(obj, RunInference):
+        return InferenceStep(obj)
+    if callable(obj):
+        return Map(obj)
+    raise TypeError(f"{obj!r} is not a pipeline step (Map, FlatMap, Filter, RunInference)")
+
+
+@dataclass
+class BundleOutput:
+    """What one bundle produced: outputs in input order, dead letters beside them."""
+
+    outputs: list[Any] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def process_bundle(steps: list[Step], elements: list[Any]) -> BundleOutput:
+    out = BundleOutput()
+    for step in steps:
+        elements = step.process(elements, out)
+    out.outputs = elements
+    return out
+
+
+# -- sources and sinks -----------------------------------------------------------------
+class Source:
+    """Where elements come from. ``read()`` yields them; ``describe()`` names it."""
+
+    def read(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def count(self) -> int | None:
+        """The number of elements, when known cheaply (for the progress bar)."""
+        return None
+
+    def __or__(self, other: Any) -> Pipeline:
+        return Pipeline.of(self) | other
+
+
+class ReadFromText(Source):
+    """One element per line, without the newline."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+
+class ReadFromJsonLines(Source):
+    """One JSON value per line; blank lines are skipped."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> Iterator[Any]:
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{self.path}:{n}: not JSON: {exc}") from None
+
+
+class ReadFromNpy(Source):
+    """The rows of a .npy array (memory-mapped, so a large file is not read at once)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> Iterator[np.ndarray]:
+        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        for i in range(arr.shape[0]):
+            yield np.array(arr[i])
+
+    def count(self) -> int | None:
+        return int(np.load(self.path, mmap_mode="r", allow_pickle=False).shape[0])
+
+
+class Create(Source):
+    """Elements from an in-memory iterable (Beam's Create)."""
+
+    def __init__(self, values: Iterable[Any]):
+        self.values = values
+
+    def read(self) -> Iterator[Any]:
+        return iter(self.values)
+
+    def count(self) -> int | None:
+        return len(self.values) if hasattr(self.values, "__len__") else None  # type: ignore[arg-type]
+
+
+class Sink:
+    """Where committed outputs go, in input order, each bundle once."""
+
+    def open(self) -> None:
+        pass
+
+    def write(self, elements: list[Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class WriteToJsonLines(Sink):
+    """One JSON value per line; tensors and arrays become lists. Written to a temporary
+    file and renamed into place on close, so a failed run leaves no half file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f: Any = None
+
+    def open(self) -> None:
+        self._f = open(self.path + ".partial", "w", encoding="utf-8")
+
+    def write(self, elements: list[Any]) -> None:
+        for e in elements:
+            self._f.write(json.dumps(to_jsonable(e)) + "\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            os.replace(self.path + ".partial", self.path)
+            self._f = None
+
+    def abort(self) -> None:
+        """The run did not complete: remove the partial file rather than leave half an output."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        try:
+            os.unlink(self.path + ".partial")
+        except FileNotFoundError:
+            pass
+
+
+class WriteToText(WriteToJsonLines):
+    """One line per element, ``str(element)``."""
+
+    def write(self, elements: list[Any]) -> None:
+        for e in elements:
+            self._f.write(f"{e}\n")
+
+
+class Collect(Sink):
+    """Keeps the outputs in memory (``.values``), for tests and embedding."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def write(self, elements: list[Any]) -> None:
+        self.values.extend(elements)
+
+
+def to_jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: to_jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class Pipeline:
+    """A source, steps, and a sink. Build it with ``|``."""
+
+    source: Source | None = None
+    steps: list[Step] = field(default_factory=list)
+    sink: Sink | None = None
+
+    @classmethod
+    def of(cls, obj: Any) -> Pipeline:
+        if isinstance(obj, Pipeline):
+            return obj
+        if isinstance(obj, Source):
+            return cls(source=obj)
+        return cls(steps=[as_step(obj)])
+
+    def __or__(self, other: Any) -> Pipeline:
+        if self.sink is not None:
+            raise ValueError("nothing can follow a write step")
+        if isinstance(other, Sink):
+            return Pipeline(self.source, list(self.steps), other)
+        if isinstance(other, Source):
+            raise ValueError("a read step can only start a pipeline")
+        return Pipeline(self.source, [*self.steps, as_step(other)], None)
+
+    def describe(self) -> str:
+        parts = [type(self.source).__name__ if self.source else "(bundles)"]
+        parts += [s.label for s in self.steps]
+        parts.append(type(self.sink).__name__ if self.sink else "(results)")
+        return " | ".join(parts)
+
+    def inference_steps(self) -> list[InferenceStep]:
+        return [s for s in self.steps if isinstance(s, InferenceStep)]
+
+    def needs_model_server(self) -> bool:
+        return any(s.transform.handler.share_model_across_processes() for s in self.inference_steps())
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__

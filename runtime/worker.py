@@ -1,0 +1,254 @@
+"""An SDK worker: takes bundles from its harness, runs the pipeline's steps on a pool of
+threads, and sends each bundle's outputs back whole.
+
+The harness forks workers with the pipeline's steps already in memory (the user's
+functions and handlers as they wrote them). A custom runner can start one itself::
+
+    python -m runtime.worker --control /path/to/control.sock --pipeline my_pipeline.py
+
+where the pipeline file (or module) defines ``build_pipeline(input=None, output=None)``
+returning a ``runtime.Pipeline``; the worker runs its steps. See runtime/control.py for
+the protocol and the exit codes, and docs/runtime.md.
+
+A worker dies with its harness: its control connection closing ends it, and on Linux it
+also asks the kernel for SIGKILL when its parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from client.inference import InferenceMetrics
+from runtime.control import (
+    EXIT_BOOT_FAILED,
+    EXIT_LOST_HARNESS,
+    HEARTBEAT_SECONDS,
+    ControlChannel,
+)
+from runtime.pipeline import BundleOutput, InferenceStep, Pipeline, Step
+
+log = logging.getLogger("beamlet.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    """Runs bundles for one harness connection on ``threads`` threads."""
+
+    def __init__(self, channel: ControlChannel, worker_id: int, steps: list[Step], threads: int):
+        self.channel = channel
+        self.worker_id = worker_id
+        self.steps = steps
+        self.threads = threads
+        self._stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"worker{worker_id}")
+
+    def boot(self) -> bool:
+        """Set up every step (load models, as Beam's DoFn.setup does); on failure tell the
+        harness why, so it fails the run instead of restarting us in a loop."""
+        try:
+            for step in self.steps:
+                step.setup()
+        except Exception as exc:
+            log.error("worker %d cannot boot: %s", self.worker_id, exc)
+            try:
+                self.channel.send(
+                    {
+                        "op": "boot_failed",
+                        "worker": self.worker_id,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=8),
+                    }
+                )
+            except OSError:
+                pass
+            return False
+        return True
+
+    def serve(self) -> int:
+        if not self.boot():
+            return EXIT_BOOT_FAILED
+        self.channel.send({"op": "hello", "worker": self.worker_id, "pid": os.getpid(), "threads": self.threads})
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while True:
+                try:
+                    message = self.channel.read()
+                except OSError:
+                    message = None
+                if message is None:
+                    log.warning("worker %d: the harness went away", self.worker_id)
+                    self._stopping.set()
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    return EXIT_LOST_HARNESS
+                op = message.get("op")
+                if op == "bundle":
+                    self._pool.submit(self._run_bundle, message)
+                elif op == "stop":
+                    self._pool.shutdown(wait=True)
+                    return 0
+                else:
+                    log.error("worker %d: unknown control message %r", self.worker_id, op)
+        finally:
+            self._stopping.set()
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
+            try:
+                self.channel.send({"op": "heartbeat"})
+            except OSError:
+                return
+
+    def _run_bundle(self, message: dict[str, Any]) -> None:
+        bundle_id, attempt = message["bundle"], message["attempt"]
+        try:
+            out, metrics = run_steps(self.steps, list(message["elements"]))
+            reply = {
+                "op": "result",
+                "bundle": bundle_id,
+                "attempt": attempt,
+                "outputs": out.outputs,
+                "dead_letters": out.dead_letters,
+                "metrics": {k: m.to_wire() for k, m in metrics.items()},
+            }
+        except Exception as exc:
+            reply = {
+                "op": "bundle_failed",
+                "bundle": bundle_id,
+                "attempt": attempt,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8),
+            }
+        try:
+            self.channel.send(reply)
+        except TypeError as exc:  # an output the wire cannot carry
+            self.channel.send(
+                {
+                    "op": "bundle_failed",
+                    "bundle": bundle_id,
+                    "attempt": attempt,
+                    "error": f"an output cannot be sent to the harness: {exc}",
+                    "traceback": "",
+                }
+            )
+        except OSError:
+            pass  # the harness is gone; serve() notices
+
+
+def run_steps(steps: list[Step], elements: list[Any]) -> tuple[BundleOutput, dict[str, InferenceMetrics]]:
+    """Apply the steps to one bundle; metrics per RunInference step, by its label."""
+    out = BundleOutput()
+    metrics: dict[str, InferenceMetrics] = {}
+    for step in steps:
+        if isinstance(step, InferenceStep):
+            m = metrics.setdefault(step.label, InferenceMetrics())
+            setup, step.setup_metrics = step.setup_metrics, None
+            if setup is not None:  # the model load, reported once with the first bundle
+                m.merge(setup)
+            results, failed = step.transform.process_bundle(elements, m)
+            for example, error in failed:
+                out.dead_letters.append({"step": step.label, "element": example, "error": error})
+            elements = results
+        else:
+            elements = step.process(elements, out)
+    out.outputs = elements
+    return out, metrics
+
+
+def worker_main(control_path: str, worker_id: int, steps: list[Step], threads: int) -> None:
+    """The body of a forked worker process (never returns)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the harness decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = EXIT_BOOT_FAILED
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(control_path)
+        code = Worker(ControlChannel(sock), worker_id, steps, threads).serve()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def load_pipeline(ref: str, input_path: str | None = None, output_path: str | None = None) -> Pipeline:
+    """Import a pipeline file or module and call its ``build_pipeline(input, output)``."""
+    if ref.endswith(".py") or os.path.sep in ref:
+        path = os.path.abspath(ref)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"pipeline file not found: {ref}")
+        sys.path.insert(0, os.path.dirname(path))
+        spec = importlib.util.spec_from_file_location("beamlet_user_pipeline", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(ref)
+    build = getattr(module, "build_pipeline", None)
+    if build is None:
+        raise AttributeError(f"{ref} does not define build_pipeline(input, output)")
+    pipeline = build(input_path, output_path)
+    if not isinstance(pipeline, Pipeline):
+        raise TypeError(f"{ref}.build_pipeline returned {type(pipeline).__name__}, not a Pipeline")
+    return pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--control", required=True, help="the harness's control socket")
+    parser.add_argument("--pipeline", required=True, help="pipeline file or module (defines build_pipeline)")
+    parser.add_argument("--input", default=None)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--worker-id", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args.control)
+    except OSError as exc:
+        print(f"runtime.worker: cannot reach the harness at {args.control}: {exc}", file=sys.stderr)
+        return EXIT_BOOT_FAILED
+    channel = ControlChannel(sock)
+    try:
+        steps = load_pipeline(args.pipeline, args.input, args.output).steps
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"runtime.worker: cannot boot: {error}", file=sys.stderr)
+        try:
+            channel.send(
+                {"op": "boot_failed", "worker": args.worker_id, "error": error, "traceback": traceback.format_exc()}
+            )
+        except OSError:
+            pass
+        return EXIT_BOOT_FAILED
+    return Worker(channel, args.worker_id, steps, args.threads).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
