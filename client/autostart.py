@@ -40,9 +40,7 @@ def server_alive(path: str) -> bool:
         return False
 
 
-def ensure_server(
-    path: str, extra_args: list[str] | None = None, timeout: float = START_TIMEOUT
-) -> None:
+def ensure_server(path: str, extra_args: list[str] | None = None, timeout: float = START_TIMEOUT) -> None:
     """Return once a server answers at ``path``, starting one if needed."""
     if server_alive(path):
         return

@@ -112,7 +112,13 @@ class _Encoder:
             return self._tensor(obj)
         if isinstance(obj, np.generic):
             return obj.item()
+        if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
+            return obj._asdict()  # a NamedTuple such as PredictionResult travels as a map
         if isinstance(obj, (tuple, set, frozenset)):
+            return list(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, list):
             return list(obj)
         raise TypeError(f"cannot send a {type(obj).__name__} on the wire (no pickle): {obj!r:.80}")
 
@@ -205,7 +211,7 @@ class _Decoder:
 def encode(message: Any) -> tuple[bytes, list[memoryview]]:
     """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables."""
     enc = _Encoder()
-    header = msgpack.packb(message, default=enc.default, use_bin_type=True)
+    header = msgpack.packb(message, default=enc.default, use_bin_type=True, strict_types=True)
     if len(header) > MAX_HEADER_BYTES:
         raise FrameTooLarge(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(header), enc.nbytes)

@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=4)
     run.add_argument("--bundle-size", type=int, default=256)
     run.add_argument("--bundle-timeout", type=float, default=600.0, metavar="SECONDS")
-    run.add_argument("--socket", default=None, help="model server socket (default: BEAMLET_SOCKET or per-user)")
-    run.add_argument("--memory-budget", default=None, metavar="SIZE", help="for a model server this run starts")
+    run.add_argument(
+        "--socket", default=None, help="model server socket (default: BEAMLET_SOCKET or per-user)"
+    )
+    run.add_argument(
+        "--memory-budget", default=None, metavar="SIZE", help="for a model server this run starts"
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--log-level", default="WARNING")

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess
+import psutil
 
 from client import autostart
 from client.inference import InferenceMetrics
@@ -230,7 +231,9 @@ class _Run:
         self.next_commit = 0
         self.input_exhausted = False
         self.window = harness.workers * harness.threads * 2
-        self.summary = RunSummary(pipeline=pipeline.describe(), workers=harness.workers, threads=harness.threads)
+        self.summary = RunSummary(
+            pipeline=pipeline.describe(), workers=harness.workers, threads=harness.threads
+        )
         self.metrics: dict[str, InferenceMetrics] = {}
         self.failure: PipelineError | None = None
         self.restarts = 0
@@ -309,7 +312,9 @@ class _Run:
             except OSError:
                 return
             channel = ControlChannel(sock)
-            threading.Thread(target=self._read_loop, args=(channel,), name="harness-reader", daemon=True).start()
+            threading.Thread(
+                target=self._read_loop, args=(channel,), name="harness-reader", daemon=True
+            ).start()
 
     def _read_loop(self, channel: ControlChannel) -> None:
         try:
@@ -363,7 +368,9 @@ class _Run:
             self._log_exit(slot, code)
             self._requeue(slot)
             if code == EXIT_BOOT_FAILED and self.failure is None:
-                self.failure = PipelineError(f"worker {slot.worker_id} could not boot (exit {code}); see its log")
+                self.failure = PipelineError(
+                    f"worker {slot.worker_id} could not boot (exit {code}); see its log"
+                )
             if self.failure is None and not self._stopping():
                 self.restarts += 1
                 if self.restarts > self.h.max_restarts:
@@ -433,7 +440,11 @@ class _Run:
         """Let in-flight bundles finish (and commit) for up to grace_seconds."""
         if self.failure is not None:
             return
-        log.info("stopping: %d bundles in flight get %.0fs to finish", len(self._in_flight_elements), self.h.grace_seconds)
+        log.info(
+            "stopping: %d bundles in flight get %.0fs to finish",
+            len(self._in_flight_elements),
+            self.h.grace_seconds,
+        )
         deadline = time.monotonic() + self.h.grace_seconds
         while self._in_flight_elements and time.monotonic() < deadline:
             self._handle_events(timeout=0.05)
@@ -460,14 +471,26 @@ class _Run:
 
     def _assign(self) -> None:
         for slot in self.slots.values():
-            while self.pending and slot.channel is not None and not slot.killed_for and len(slot.in_flight) < slot.threads:
+            while (
+                self.pending
+                and slot.channel is not None
+                and not slot.killed_for
+                and len(slot.in_flight) < slot.threads
+            ):
                 bundle = self.pending.popleft()
                 if bundle.attempt >= self.h.max_attempts:
-                    self.failure = PipelineError(f"bundle {bundle.index} was lost {bundle.attempt} times with its worker")
+                    self.failure = PipelineError(
+                        f"bundle {bundle.index} was lost {bundle.attempt} times with its worker"
+                    )
                     return
                 try:
                     slot.channel.send(
-                        {"op": "bundle", "bundle": bundle.index, "attempt": bundle.attempt, "elements": bundle.elements}
+                        {
+                            "op": "bundle",
+                            "bundle": bundle.index,
+                            "attempt": bundle.attempt,
+                            "elements": bundle.elements,
+                        }
                     )
                 except TypeError as exc:
                     self.failure = PipelineError(f"bundle {bundle.index} cannot be sent to a worker: {exc}")
@@ -601,8 +624,12 @@ class _Run:
     def _stop_model_server(self) -> None:
         if not self.server_owned or self.server_path is None:
             return
+        # The server answering may not be the one we spawned (a client may have started a
+        # replacement first after a crash): stop whoever answers, and wait for that pid.
+        server_pid = None
         try:
             with Channel(self.server_path, connect_timeout=2.0) as ch:
+                server_pid = ch.server_pid
                 ch.request({"op": "shutdown"})
         except (ServerUnavailable, BeamletError, OSError):
             pass
@@ -612,12 +639,14 @@ class _Run:
             except subprocess.TimeoutExpired:
                 self.server_proc.kill()
                 self.server_proc.wait(10)
-        deadline = time.monotonic() + 10
-        while os.path.exists(self.server_path) and autostart.server_alive(self.server_path):
-            if time.monotonic() > deadline:
-                log.warning("the model server at %s did not stop", self.server_path)
-                break
-            time.sleep(0.05)
+        if server_pid is not None:
+            try:
+                psutil.Process(server_pid).wait(30)
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.TimeoutExpired:
+                log.warning("the model server (pid %d) did not stop; killing it", server_pid)
+                os.kill(server_pid, signal.SIGKILL)
 
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -660,7 +689,9 @@ class _Run:
         self._bar = tqdm(total=self.total, unit="el", desc="beamlet", dynamic_ncols=True, smoothing=0.1)
 
 
-def _forked_worker(control_path: str, worker_id: int, steps: Any, threads: int, socket_path: str | None) -> None:
+def _forked_worker(
+    control_path: str, worker_id: int, steps: Any, threads: int, socket_path: str | None
+) -> None:
     if socket_path:
         os.environ[config.SOCKET_ENV] = socket_path
     worker_main(control_path, worker_id, steps, threads)

@@ -39,6 +39,9 @@ class Step:
     def setup(self) -> None:
         """Runs once in each worker before its first bundle."""
 
+    def __or__(self, other: Any) -> Pipeline:
+        return Pipeline.of(self) | other
+
     def __ror__(self, other: Any) -> Any:
         if isinstance(other, (Source, Pipeline)):
             return Pipeline.of(other) | self

@@ -89,7 +89,9 @@ class Worker:
     def serve(self) -> int:
         if not self.boot():
             return EXIT_BOOT_FAILED
-        self.channel.send({"op": "hello", "worker": self.worker_id, "pid": os.getpid(), "threads": self.threads})
+        self.channel.send(
+            {"op": "hello", "worker": self.worker_id, "pid": os.getpid(), "threads": self.threads}
+        )
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -227,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(args.control)
@@ -242,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runtime.worker: cannot boot: {error}", file=sys.stderr)
         try:
             channel.send(
-                {"op": "boot_failed", "worker": args.worker_id, "error": error, "traceback": traceback.format_exc()}
+                {
+                    "op": "boot_failed",
+                    "worker": args.worker_id,
+                    "error": error,
+                    "traceback": traceback.format_exc(),
+                }
             )
         except OSError:
             pass
