@@ -10,6 +10,7 @@ anything themselves: they describe the model as a ``ModelSpec`` and hand it to
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -304,8 +305,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             raise ValueError(
                 "a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path"
             )
-        self._state_dict_path = state_dict_path
-        self._torch_script_model_path = torch_script_model_path
+        # The model server runs elsewhere (its working directory is /): paths must be absolute.
+        self._state_dict_path = _absolute(state_dict_path)
+        self._torch_script_model_path = _absolute(torch_script_model_path)
         self._model_class = model_class
         self._model_params = dict(model_params or {})
         self._device = device
@@ -325,7 +327,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         self._batching.update(kwargs.pop("batch_elements_kwargs", {}) or {})
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        self._class_ref = userclass.describe(model_class) if model_class is not None else None
+        self._class_ref = _class_ref(model_class, large_model)
         self._key = f"{self._name()}-{self.model_spec().digest()}"
         self._resolved_device: str | None = None
 
@@ -363,7 +365,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             from client.serverclient import shared_client
 
             return RemoteModel(shared_client(self._socket_path), self._key, spec)
-        loaded = loaders.load(spec)
+        loaded = loaders.load(spec, self._model_class)
         self._resolved_device = loaded.device
         return loaded.module
 
@@ -380,12 +382,30 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         if model_path is None:
             return
         if self._torch_script_model_path:
-            self._torch_script_model_path = model_path
+            self._torch_script_model_path = _absolute(model_path)
         else:
-            self._state_dict_path = model_path
+            self._state_dict_path = _absolute(model_path)
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_PyTorch"
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else path
+
+
+def _class_ref(model_class: Any, large_model: bool) -> dict[str, Any] | None:
+    """The class as data. A model kept in-process only needs a name (it loads from the
+    live class), so a class the bundler cannot ship (typed at a REPL, say) still works."""
+    if model_class is None:
+        return None
+    try:
+        return userclass.describe(model_class)
+    except userclass.ShipError:
+        if large_model:
+            raise
+        name = f"{getattr(model_class, '__module__', '?')}:{getattr(model_class, '__qualname__', '?')}"
+        return {"name": name, "source": None}
 
 
 def _module_device(model: Any) -> str:

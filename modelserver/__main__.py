@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     _socket_arg(status)
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
-    stop = sub.add_parser("stop", help="ask the server to stop")
+    stop = sub.add_parser("stop", help="ask the server to stop, and wait until it has")
     _socket_arg(stop)
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -120,9 +121,13 @@ def _stop(args: argparse.Namespace) -> int:
     path = config.socket_path(args.socket)
     try:
         with Channel(path) as channel:
+            pid = channel.server_pid
             channel.request({"op": "shutdown"})
     except ServerUnavailable as exc:
         print(f"modelserver: no server at {path}: {exc}", file=sys.stderr)
+        return 1
+    if not config.wait_for_exit(pid, args.timeout):  # return once it has really gone
+        print(f"modelserver: server pid {pid} still running after {args.timeout:.0f}s", file=sys.stderr)
         return 1
     return 0
 

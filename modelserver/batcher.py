@@ -7,8 +7,9 @@ keyword arguments) up to the model's batch limit, runs them once, splits the out
 rows and replies to each. A merged batch that fails is re-run request by request, so one
 bad input never fails its neighbours.
 
-The model's forward pass only ever runs on this thread: one batch at a time per model,
-and the manager can tell whether a model is in use by looking at ``busy``.
+One batch at a time per model: at low load a request runs at once on the thread that
+submitted it (a connection's reader), saving a hand-off; otherwise on the batcher
+thread. Either way ``busy`` tells the manager whether the model is in use.
 """
 
 from __future__ import annotations

@@ -82,3 +82,24 @@ def ensure_private_dir(path: str) -> None:
             f"socket directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
             "put the socket in a private (0700) directory"
         )
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (a zombie awaiting its parent counts as
+    exited: it holds nothing). True when it is gone within ``timeout`` seconds."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)

@@ -1,8 +1,9 @@
 """One client connection inside the server: a reader thread and a non-blocking reply path.
 
-The reader thread reads frames and hands each request to the server's dispatcher; it
-never waits for a model, so a slow request does not hold up the next one on the same
-connection, nor anyone else's. Replies are written by whichever thread produced them
+The reader thread reads frames and hands each request to the server's dispatcher. When
+the model is idle it runs a request itself (the batcher's low-load path), and it reloads
+an evicted model on demand; a busy model only queues the request, so a slow model never
+holds up other connections. Replies are written by whichever thread produced them
 (usually a model's batcher) with a non-blocking send; if the client is slow to read and
 the socket buffer fills, the rest goes to a writer thread started for this connection,
 so a slow reader can only ever stall itself. A client that reads nothing for

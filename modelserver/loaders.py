@@ -112,8 +112,11 @@ def resolve_device(requested: str) -> str:
     raise ModelLoadError(f"unknown device {requested!r}; use 'CPU', 'GPU' or 'cuda:N'")
 
 
-def load(spec: ModelSpec) -> LoadedModel:
-    """Load a model; any failure becomes a ModelLoadError that says what and where."""
+def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
+    """Load a model; any failure becomes a ModelLoadError that says what and where.
+
+    ``model_class``: the live class (or factory) when the caller has it, as a worker
+    loading its own small model does; otherwise the spec's class reference is resolved."""
     import torch
 
     spec.validate()
@@ -126,7 +129,7 @@ def load(spec: ModelSpec) -> LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"cannot load TorchScript file {path}: {exc}") from None
     else:
-        module = _build(spec)
+        module = _build(spec, model_class)
         if spec.path:
             path = _existing(spec.path)
             try:
@@ -144,14 +147,15 @@ def load(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(module, device, tensor_bytes(module), spec.model_id)
 
 
-def _build(spec: ModelSpec) -> Any:
+def _build(spec: ModelSpec, factory: Any = None) -> Any:
     import torch
 
     ref = spec.model_class or {}
-    try:
-        factory = userclass.resolve(ref)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot import model class {ref.get('name')!r}: {exc}") from None
+    if factory is None:
+        try:
+            factory = userclass.resolve(ref)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot import model class {ref.get('name')!r}: {exc}") from None
     try:
         module = factory(**spec.model_params)
     except Exception as exc:

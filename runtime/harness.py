@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess
-import psutil
 
 from client import autostart
 from client.inference import InferenceMetrics
@@ -639,14 +638,9 @@ class _Run:
             except subprocess.TimeoutExpired:
                 self.server_proc.kill()
                 self.server_proc.wait(10)
-        if server_pid is not None:
-            try:
-                psutil.Process(server_pid).wait(30)
-            except psutil.NoSuchProcess:
-                pass
-            except psutil.TimeoutExpired:
-                log.warning("the model server (pid %d) did not stop; killing it", server_pid)
-                os.kill(server_pid, signal.SIGKILL)
+        if server_pid is not None and not config.wait_for_exit(server_pid, 30):
+            log.warning("the model server (pid %d) did not stop; killing it", server_pid)
+            os.kill(server_pid, signal.SIGKILL)
 
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
