@@ -10,10 +10,13 @@ from client.handlers import (
     RemoteModel,
 )
 from client.inference import RunInference
+from client.keyed import KeyedModelHandler, KeyModelMapping
 from client.results import ModelMetadata, PredictionResult
 from client.serverclient import ServerClient, shared_client
 
 __all__ = [
+    "KeyModelMapping",
+    "KeyedModelHandler",
     "ModelHandler",
     "ModelMetadata",
     "PredictionResult",

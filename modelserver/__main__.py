@@ -22,10 +22,32 @@ def main(argv: list[str] | None = None) -> int:
     _socket_arg(serve)
     serve.add_argument(
         "--memory-budget",
-        type=config.parse_size,
         default=os.environ.get(BUDGET_ENV),
         metavar="SIZE",
-        help=f"host memory the loaded models may use (512MiB, 8GiB; env {BUDGET_ENV})",
+        help=f"host memory the loaded models may use (512MiB, 8GiB; env {BUDGET_ENV}; "
+        "default 70%% of the RAM available at start; 'none' for no limit)",
+    )
+    serve.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=0.9,
+        metavar="F",
+        help="share of each GPU's memory the models may use (default 0.9)",
+    )
+    serve.add_argument(
+        "--load-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a load waits for models in use to go idle before failing out of memory",
+    )
+    serve.add_argument("--eviction-policy", choices=["gdsf", "lru"], default="gdsf")
+    serve.add_argument(
+        "--min-free-memory",
+        type=config.parse_size,
+        default=None,
+        metavar="SIZE",
+        help="evict idle models when the machine's available RAM drops below this (default 5%% of RAM)",
     )
     serve.add_argument(
         "--max-frame-bytes",
@@ -71,7 +93,7 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from modelserver.server import EXIT_ALREADY_RUNNING, AlreadyRunning, ModelServer
 
-    budget = config.parse_size(args.memory_budget) if args.memory_budget is not None else None
+    budget = _budget(args.memory_budget)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
@@ -81,6 +103,10 @@ def _serve(args: argparse.Namespace) -> int:
         memory_budget=budget,
         max_frame_bytes=args.max_frame_bytes,
         idle_timeout=args.idle_timeout,
+        gpu_fraction=args.gpu_memory_fraction,
+        load_wait=args.load_wait,
+        policy=args.eviction_policy,
+        min_free_bytes=args.min_free_memory,
     )
     try:
         server.bind()
@@ -94,6 +120,16 @@ def _serve(args: argparse.Namespace) -> int:
     server.warm_up()
     server.serve_forever()
     return 0
+
+
+def _budget(text: str | None) -> int | None:
+    if text is None:
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.7)
+    if text.strip().lower() == "none":
+        return None
+    return config.parse_size(text)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -145,13 +181,26 @@ def _render_status(s: dict[str, Any]) -> str:
     if not models:
         lines.append("  no models registered")
         return "\n".join(lines)
-    header = f"  {'key':<20} {'device':<7} {'tensors':>10} {'footprint':>10} {'requests':>9} {'rows':>9} {'batches':>8} {'errors':>6} {'loads':>5}"
+    for device, d in (s.get("devices") or {}).items():
+        budget_d = fmt(d["budget"]) if d.get("budget") else "none"
+        extra = f", {fmt(d['available'])} available" if "available" in d else ""
+        if "nvml_free" in d:
+            extra = f", NVML {fmt(d['nvml_used'])} used / {fmt(d['nvml_total'])}"
+        lines.append(f"  {device}: models {fmt(d['used'])} of {budget_d}{extra}")
+    lines.append(
+        f"  eviction policy {s.get('eviction_policy')}, pressure evictions {s.get('pressure_evictions', 0)}"
+    )
+    header = (
+        f"  {'key':<20} {'state':<6} {'device':<7} {'tensors':>10} {'footprint':>10} {'requests':>9} "
+        f"{'rows':>9} {'errors':>6} {'loads':>5} {'evicts':>6} {'hits':>7} {'load s':>7}"
+    )
     lines.append(header)
     for m in models:
         lines.append(
-            f"  {m['key'][:20]:<20} {str(m['device'] or '-'):<7} {fmt(m['nbytes']):>10} "
-            f"{fmt(m['footprint']):>10} {m.get('requests', 0):>9} {m.get('rows', 0):>9} "
-            f"{m.get('batches', 0):>8} {m.get('errors', 0):>6} {m['loads']:>5}"
+            f"  {m['key'][:20]:<20} {'loaded' if m['loaded'] else 'out':<6} {str(m['device'] or '-'):<7} "
+            f"{fmt(m['nbytes']):>10} {fmt(m['footprint']):>10} {m.get('requests', 0):>9} "
+            f"{m.get('rows', 0):>9} {m.get('errors', 0):>6} {m['loads']:>5} {m['evictions']:>6} "
+            f"{m['hits']:>7} {m['load_seconds']:>7.2f}"
         )
         lines.append(f"    model_id {m['model_id']}")
     return "\n".join(lines)

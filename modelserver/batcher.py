@@ -61,11 +61,25 @@ class BatchStats:
 class Batcher:
     """Runs one loaded model's requests on its own thread. Thread-safe ``submit``."""
 
-    def __init__(self, name: str, model: loaders.LoadedModel, max_merge_rows: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        model: loaders.LoadedModel,
+        max_merge_rows: int | None = None,
+        *,
+        on_idle: Callable[[], None] | None = None,
+        on_oom: Callable[[], None] | None = None,
+        stats: BatchStats | None = None,
+    ):
         self.name = name
-        self.model = model
+        self.model: loaders.LoadedModel = model
+        self.model_id = model.model_id
+        self.device = model.device
+        self.nbytes = model.nbytes
+        self._on_idle = on_idle
+        self._on_oom = on_oom
         self.max_merge_rows = max_merge_rows or DEFAULT_MAX_MERGE_ROWS
-        self.stats = BatchStats()
+        self.stats = stats if stats is not None else BatchStats()
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._busy = False
@@ -106,8 +120,11 @@ class Batcher:
             with self._cond:
                 self._busy = False
                 self.stats.busy_seconds += time.monotonic() - started
+                idle = not self._queue
                 if self._queue or self._stopping:
                     self._cond.notify()
+            if idle and self._on_idle is not None:
+                self._on_idle()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop taking work, finish what is queued, and end the thread. True when done."""
@@ -115,7 +132,10 @@ class Batcher:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        del self.model  # the model's memory goes with the last reference
+        return True
 
     def _loop(self) -> None:
         while True:
@@ -164,12 +184,22 @@ class Batcher:
         for work in batch:
             self._account([work], batches=1)
             try:
-                out = loaders.run(self.model, work.inputs, work.kwargs)
+                out = self._run_one(work)
             except Exception as exc:
                 self.stats.errors += 1
                 _deliver(work, None, _as_error(exc, self.name))
             else:
                 _deliver(work, out, None)
+
+    def _run_one(self, work: Work) -> Any:
+        """One request; after a CUDA out-of-memory, free what can be freed and retry once."""
+        try:
+            return loaders.run(self.model, work.inputs, work.kwargs)
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError" or self._on_oom is None:
+                raise
+        self._on_oom()
+        return loaders.run(self.model, work.inputs, work.kwargs)
 
     def _account(self, batch: list[Work], batches: int) -> None:
         self.stats.batches += batches

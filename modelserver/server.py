@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from modelserver import config, loaders, protocol, wire
+from modelserver import config, loaders, memory, protocol, wire
 from modelserver.batcher import Work
 from modelserver.connection import Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
@@ -56,11 +56,15 @@ class ModelServer:
         memory_budget: int | None = None,
         max_frame_bytes: int = wire.DEFAULT_MAX_BODY,
         idle_timeout: float | None = None,
+        **manager_options: Any,
     ):
+        """``memory_budget``: host bytes for models (None: no limit). ``manager_options``
+        go to ModelManager (gpu_fraction, load_wait, policy, min_free_bytes)."""
         self.socket_path = config.socket_path(socket_path)
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout = idle_timeout
-        self.manager = ModelManager(memory_budget)
+        memory.fix_mmap_threshold()
+        self.manager = ModelManager(memory_budget, **manager_options)
         self.started = time.time()
         self._lock_sock: socket.socket | None = None
         self._listener: socket.socket | None = None
@@ -261,7 +265,7 @@ class ModelServer:
         rid = request.id
         for _attempt in range(3):
             batcher = self.manager.get(request.key)
-            model_id = batcher.model.model_id
+            model_id = batcher.model_id
 
             def reply(outputs: Any, error: BeamletError | None, model_id: str = model_id) -> None:
                 if error is not None:
@@ -284,11 +288,15 @@ class ModelServer:
         def run() -> None:
             try:
                 slot = self.manager.register(request.key, spec)
-                assert slot.batcher is not None
-                model = slot.batcher.model
+                b = slot.batcher
+                assert b is not None
                 conn.send(
                     protocol.ok_reply(
-                        request.id, model_id=model.model_id, device=model.device, nbytes=model.nbytes
+                        request.id,
+                        model_id=b.model_id,
+                        device=b.device,
+                        nbytes=b.nbytes,
+                        footprint=slot.footprint,
                     )
                 )
             except BeamletError as exc:
@@ -311,6 +319,10 @@ class ModelServer:
             "rss": proc.memory_info().rss,
             "memory_budget": self.manager.budget_bytes,
             "loaded_bytes": self.manager.loaded_bytes(),
+            "eviction_policy": self.manager.policy_name,
+            "load_wait_seconds": self.manager.load_wait,
+            "pressure_evictions": self.manager.pressure_evictions,
+            "devices": self.manager.devices(),
             "max_frame_bytes": self.max_frame_bytes,
             "connections": n_conn,
             "client_pids": clients,

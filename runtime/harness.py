@@ -585,7 +585,13 @@ class _Run:
     def _start_model_server(self) -> None:
         if not self.pipeline.needs_model_server():
             return
-        paths = {getattr(s.transform.handler, "_socket_path", None) for s in self.pipeline.inference_steps()}
+        paths: set[str | None] = set()
+        for step in self.pipeline.inference_steps():
+            handler = step.transform.handler
+            if hasattr(handler, "socket_paths"):
+                paths |= handler.socket_paths()
+            else:
+                paths.add(getattr(handler, "_socket_path", None))
         explicit = [p for p in paths if p]
         self.server_path = config.socket_path(explicit[0] if explicit else self.h.socket_path)
         if autostart.server_alive(self.server_path):
