@@ -129,22 +129,47 @@ def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"cannot load TorchScript file {path}: {exc}") from None
     else:
-        module = _build(spec, model_class)
         if spec.path:
             path = _existing(spec.path)
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, **args)
             except Exception as exc:
                 raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
-            try:
-                module.load_state_dict(state)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"checkpoint {path} does not fit {(spec.model_class or {}).get('name')}: {_first_line(exc)}"
-                ) from None
+            module = _build_with_state(spec, model_class, state, path)
+            del state
+        else:
+            module = _build(spec, model_class)
         module = module.to(device)
     module.eval()
     return LoadedModel(module, device, tensor_bytes(module), spec.model_id)
+
+
+def _build_with_state(spec: ModelSpec, factory: Any, state: Any, path: str) -> Any:
+    """Build the module around the checkpoint's tensors without allocating its weights
+    twice: construct it on the meta device and assign the loaded tensors. A class that
+    cannot be built on meta, or that keeps tensors outside its state_dict, is built the
+    ordinary way instead (briefly holding two copies)."""
+    import torch
+
+    name = (spec.model_class or {}).get("name")
+    module = None
+    try:
+        with torch.device("meta"):
+            module = _build(spec, factory)
+        module.load_state_dict(state, assign=True)
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module = None
+    except ModelLoadError:
+        raise
+    except Exception:
+        module = None
+    if module is None:
+        module = _build(spec, factory)
+        try:
+            module.load_state_dict(state)
+        except Exception as exc:
+            raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+    return module
 
 
 def _build(spec: ModelSpec, factory: Any = None) -> Any:

@@ -123,6 +123,7 @@ class ModelManager:
         self._load_lock = threading.Lock()
         self._closed = threading.Event()
         self.pressure_evictions = 0
+        self.waiting_loads = 0  # loads now waiting for models in use to go idle
         self._watcher = threading.Thread(
             target=self._watch_pressure, args=(pressure_interval,), name="memory-watch", daemon=True
         )
@@ -381,7 +382,11 @@ class ModelManager:
                             f"model {key!r} needs {needed} bytes on {device}, but {used} of its "
                             f"{budget}-byte budget are held by models in use (waited {self.load_wait:.0f}s)"
                         )
-                    self._idle.wait(min(remaining, 1.0))
+                    self.waiting_loads += 1
+                    try:
+                        self._idle.wait(min(remaining, 1.0))
+                    finally:
+                        self.waiting_loads -= 1
                     continue
             log.info("evicting %s from %s to make room for %s", ", ".join(chosen), device, key)
             self._release(victims)

@@ -53,3 +53,38 @@ def race_to_start(sock: str, barrier, results) -> None:
     autostart.ensure_server(sock)
     with Channel(sock) as ch:
         results.put(ch.server_pid)
+
+
+def keyed_workload(sock: str, models: dict, seed: int, n: int) -> dict:
+    """Random keys over several large-model Blobs through one KeyedModelHandler; compares
+    every result with the same model run in this process."""
+    import random
+
+    from client import KeyedModelHandler, KeyModelMapping, PytorchModelHandlerTensor, RunInference
+    from tests.models import Blob
+
+    mappings = []
+    local = {}
+    for key, (path, d) in models.items():
+        h = PytorchModelHandlerTensor(
+            path, Blob, {"d": d}, large_model=True, socket_path=sock, min_batch_size=4, max_batch_size=4
+        )
+        mappings.append(KeyModelMapping([key], h))
+        m = Blob(d)
+        m.load_state_dict(torch.load(path, weights_only=True))
+        local[key] = m.eval()
+    keyed = KeyedModelHandler(mappings)
+    rng = random.Random(seed)
+    keys = list(models)
+    examples = []
+    for _ in range(n):
+        key = rng.choice(keys)
+        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        examples.append((key, torch.randn(models[key][1], generator=g)))
+    results = list(examples | RunInference(keyed))
+    bad = 0
+    with torch.inference_mode():
+        for (key, x), (rkey, r) in zip(examples, results):
+            if rkey != key or not torch.allclose(r.inference, local[key](x[None])[0], atol=1e-4):
+                bad += 1
+    return {"n": len(results), "bad": bad}
