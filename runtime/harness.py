@@ -33,27 +33,23 @@ import queue
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import multiprocess
-
-from client import autostart
 from client.inference import InferenceMetrics
 from modelserver import config
-from modelserver.channel import Channel
-from modelserver.errors import BeamletError, ServerUnavailable
+from modelserver.errors import BeamletError
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel
 from runtime.pipeline import Collect, Pipeline, Sink
+from runtime.serverkeeper import ServerKeeper, ServerStartFailed
 from runtime.summary import RunSummary
-from runtime.worker import worker_main
+from runtime.workerslot import WorkerSlot, exec_worker, fork_worker
 
 log = logging.getLogger("beamlet.harness")
 
@@ -76,45 +72,6 @@ class _Bundle:
     index: int
     elements: list[Any]
     attempt: int = 0
-
-
-@dataclass
-class _WorkerSlot:
-    """A worker process and what the harness knows of it."""
-
-    worker_id: int
-    process: Any  # multiprocess.Process (fork) or subprocess.Popen (exec)
-    started: float = field(default_factory=time.monotonic)
-    channel: ControlChannel | None = None
-    in_flight: dict[int, tuple[int, float]] = field(default_factory=dict)  # bundle -> (attempt, deadline)
-    last_seen: float = field(default_factory=time.monotonic)
-    threads: int = 1
-    killed_for: str | None = None
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    def exitcode(self) -> int | None:
-        if isinstance(self.process, subprocess.Popen):
-            code = self.process.poll()
-            return code
-        return self.process.exitcode  # type: ignore[no-any-return]
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def join(self, timeout: float) -> None:
-        if isinstance(self.process, subprocess.Popen):
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            self.process.join(timeout)
 
 
 class Harness:
@@ -222,7 +179,7 @@ class _Run:
         self.total = total
         self.on_commit: Any = None
         self.events: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
-        self.slots: dict[int, _WorkerSlot] = {}
+        self.slots: dict[int, WorkerSlot] = {}
         self.pending: deque[_Bundle] = deque()
         self.done: dict[int, tuple[list[Any], list[dict[str, Any]]]] = {}
         self._in_flight_elements: dict[int, list[Any]] = {}
@@ -242,9 +199,7 @@ class _Run:
         self.control_path = os.path.join(self.run_dir, "control.sock")
         self.listener: socket.socket | None = None
         self.server_path: str | None = None
-        self.server_proc: subprocess.Popen[bytes] | None = None
-        self.server_owned = False
-        self._last_server_check = 0.0
+        self.keeper: ServerKeeper | None = None
         self._bar: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -329,32 +284,20 @@ class _Run:
     # -- workers --------------------------------------------------------------------------
     def spawn_worker(self) -> None:
         worker_id = next(self._ids)
-        env_socket = self.server_path
         if self.h.pipeline_ref:
-            cmd = [
-                sys.executable, "-m", "runtime.worker", "--control", self.control_path,
-                "--pipeline", self.h.pipeline_ref, "--worker-id", str(worker_id),
-                "--threads", str(self.h.threads),
-            ]  # fmt: skip
-            inp, outp = self.h.pipeline_args
-            cmd += ["--input", inp] if inp else []
-            cmd += ["--output", outp] if outp else []
-            env = dict(os.environ)
-            if env_socket:
-                env[config.SOCKET_ENV] = env_socket
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-            process: Any = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-        else:
-            ctx = multiprocess.get_context("fork")
-            process = ctx.Process(
-                target=_forked_worker,
-                args=(self.control_path, worker_id, self.pipeline.steps, self.h.threads, env_socket),
-                name=f"beamlet-worker-{worker_id}",
-                daemon=False,
+            process = exec_worker(
+                self.control_path,
+                worker_id,
+                self.h.pipeline_ref,
+                self.h.pipeline_args,
+                self.h.threads,
+                self.server_path,
             )
-            process.start()
-        self.slots[worker_id] = _WorkerSlot(worker_id, process, threads=self.h.threads)
+        else:
+            process = fork_worker(
+                self.control_path, worker_id, self.pipeline.steps, self.h.threads, self.server_path
+            )
+        self.slots[worker_id] = WorkerSlot(worker_id, process, threads=self.h.threads)
         log.info("spawned worker %d (pid %d)", worker_id, process.pid)
 
     def reap_workers(self) -> None:
@@ -379,7 +322,7 @@ class _Run:
                 else:
                     self.spawn_worker()
 
-    def _log_exit(self, slot: _WorkerSlot, code: int) -> None:
+    def _log_exit(self, slot: WorkerSlot, code: int) -> None:
         if code < 0:
             name = signal.Signals(-code).name
             hint = " Perhaps out of memory?" if -code == signal.SIGKILL and not slot.killed_for else ""
@@ -390,7 +333,7 @@ class _Run:
         else:
             log.info("worker %d (pid %d) exited", slot.worker_id, slot.pid)
 
-    def _requeue(self, slot: _WorkerSlot) -> None:
+    def _requeue(self, slot: WorkerSlot) -> None:
         for index, (attempt, _deadline) in sorted(slot.in_flight.items(), reverse=True):
             elements = self._in_flight_elements.pop(index)
             self.pending.appendleft(_Bundle(index, elements, attempt + 1))
@@ -512,7 +455,7 @@ class _Run:
             except queue.Empty:
                 return
 
-    def _slot_of(self, channel: ControlChannel) -> _WorkerSlot | None:
+    def _slot_of(self, channel: ControlChannel) -> WorkerSlot | None:
         for slot in self.slots.values():
             if slot.channel is channel:
                 return slot
@@ -592,61 +535,21 @@ class _Run:
                 paths |= handler.socket_paths()
             else:
                 paths.add(getattr(handler, "_socket_path", None))
-        explicit = [p for p in paths if p]
+        explicit = sorted(p for p in paths if p)
         self.server_path = config.socket_path(explicit[0] if explicit else self.h.socket_path)
-        if autostart.server_alive(self.server_path):
-            log.info("using the model server already running at %s", self.server_path)
-            return
-        self.server_owned = True
-        self._spawn_server()
-
-    def _spawn_server(self) -> None:
-        assert self.server_path is not None
-        proc = autostart.spawn_server(self.server_path, self.h.server_args, idle_timeout=None)
-        self.server_proc = proc
+        self.keeper = ServerKeeper(self.server_path, self.h.server_args)
         try:
-            autostart.wait_until_serving(self.server_path, proc)
-        except ServerUnavailable as exc:
-            raise PipelineError(f"cannot start the model server: {exc}") from None
+            self.keeper.start()
+        except ServerStartFailed as exc:
+            raise PipelineError(str(exc)) from None
 
     def _watch_model_server(self) -> None:
-        if not self.server_owned or self.server_proc is None:
-            return
-        now = time.monotonic()
-        if now - self._last_server_check < 0.25:
-            return
-        self._last_server_check = now
-        code = self.server_proc.poll()
-        if code is None:
-            return
-        assert self.server_path is not None
-        if autostart.server_alive(self.server_path):
-            return  # a client started a new one first; fine
-        log.warning("the model server exited (code %s); starting a new one", code)
-        self.summary.server_restarts += 1
-        self._spawn_server()
-
-    def _stop_model_server(self) -> None:
-        if not self.server_owned or self.server_path is None:
-            return
-        # The server answering may not be the one we spawned (a client may have started a
-        # replacement first after a crash): stop whoever answers, and wait for that pid.
-        server_pid = None
-        try:
-            with Channel(self.server_path, connect_timeout=2.0) as ch:
-                server_pid = ch.server_pid
-                ch.request({"op": "shutdown"})
-        except (ServerUnavailable, BeamletError, OSError):
-            pass
-        if self.server_proc is not None:
+        if self.keeper is not None:
             try:
-                self.server_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.server_proc.kill()
-                self.server_proc.wait(10)
-        if server_pid is not None and not config.wait_for_exit(server_pid, 30):
-            log.warning("the model server (pid %d) did not stop; killing it", server_pid)
-            os.kill(server_pid, signal.SIGKILL)
+                self.keeper.watch()
+            except ServerStartFailed as exc:
+                self.failure = PipelineError(str(exc))
+            self.summary.server_restarts = self.keeper.restarts
 
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -666,7 +569,8 @@ class _Run:
         self._reap_until(time.monotonic() + 10)
         if self.listener is not None:
             self.listener.close()
-        self._stop_model_server()
+        if self.keeper is not None:
+            self.keeper.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _reap_until(self, deadline: float) -> None:
@@ -687,14 +591,6 @@ class _Run:
         from tqdm import tqdm
 
         self._bar = tqdm(total=self.total, unit="el", desc="beamlet", dynamic_ncols=True, smoothing=0.1)
-
-
-def _forked_worker(
-    control_path: str, worker_id: int, steps: Any, threads: int, socket_path: str | None
-) -> None:
-    if socket_path:
-        os.environ[config.SOCKET_ENV] = socket_path
-    worker_main(control_path, worker_id, steps, threads)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -1,0 +1,89 @@
+"""The harness's hold on the model server: start it if the run needs one and none runs,
+start a new one if it dies, stop it at the end if this run started it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from client import autostart
+from modelserver import config
+from modelserver.channel import Channel
+from modelserver.errors import BeamletError, ServerUnavailable
+
+log = logging.getLogger("beamlet.harness")
+
+
+class ServerStartFailed(RuntimeError):
+    pass
+
+
+class ServerKeeper:
+    """Keeps one model server alive at ``path`` for the length of a run."""
+
+    CHECK_INTERVAL = 0.25
+
+    def __init__(self, path: str, server_args: list[str]):
+        self.path = path
+        self.server_args = server_args
+        self.owned = False
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._last_check = 0.0
+
+    def start(self) -> None:
+        """Use a server already running at the path, or start one (which we then own)."""
+        if autostart.server_alive(self.path):
+            log.info("using the model server already running at %s", self.path)
+            return
+        self.owned = True
+        self._spawn()
+
+    def _spawn(self) -> None:
+        proc = autostart.spawn_server(self.path, self.server_args, idle_timeout=None)
+        self._proc = proc
+        try:
+            autostart.wait_until_serving(self.path, proc)
+        except ServerUnavailable as exc:
+            raise ServerStartFailed(f"cannot start the model server: {exc}") from None
+
+    def watch(self) -> None:
+        """Called every turn of the harness loop: replace our server if it died."""
+        if not self.owned or self._proc is None:
+            return
+        now = time.monotonic()
+        if now - self._last_check < self.CHECK_INTERVAL:
+            return
+        self._last_check = now
+        code = self._proc.poll()
+        if code is None or autostart.server_alive(self.path):
+            return  # alive, or a client already started a new one
+        log.warning("the model server exited (code %s); starting a new one", code)
+        self.restarts += 1
+        self._spawn()
+
+    def stop(self) -> None:
+        """Stop the server if we own it, and wait until its process has gone."""
+        if not self.owned:
+            return
+        # The server answering may not be the one we spawned (a client may have started a
+        # replacement first after a crash): stop whoever answers, and wait for that pid.
+        server_pid = None
+        try:
+            with Channel(self.path, connect_timeout=2.0) as ch:
+                server_pid = ch.server_pid
+                ch.request({"op": "shutdown"})
+        except (ServerUnavailable, BeamletError, OSError):
+            pass
+        if self._proc is not None:
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        if server_pid is not None and not config.wait_for_exit(server_pid, 30):
+            log.warning("the model server (pid %d) did not stop; killing it", server_pid)
+            os.kill(server_pid, signal.SIGKILL)
