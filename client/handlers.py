@@ -232,6 +232,8 @@ def _pair(batch: Sequence[Any], predictions: Any, model_id: str | None) -> list[
         and len(predictions) != n
     ):
         rows = [type(predictions)(p[i] for p in predictions) for i in range(n)]
+    elif hasattr(predictions, "unbind"):
+        rows = list(predictions.unbind(0))
     else:
         rows = [predictions[i] for i in range(n)]
     return [PredictionResult(x, y, model_id) for x, y in zip(batch, rows)]

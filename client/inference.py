@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from client import batching
 from client.handlers import ModelHandler
+
+PIPELINE_DEPTH = 2  # batches in flight to the model server per RunInference.run
 
 
 class ModelCache:
@@ -149,10 +153,27 @@ class RunInference:
         items: Iterable[Any] = examples
         for fn in self.handler.get_preprocess_fns():
             items = map(fn, items)
-        for batch in batching.batches(items, sizer):
-            results, failed = self._run_batch(batch, sizer, self.metrics)
-            self.failed.extend(failed)
-            yield from results
+        if not self.handler.share_model_across_processes():
+            for batch in batching.batches(items, sizer):
+                results, failed = self._run_batch(batch, sizer, self.metrics)
+                self.failed.extend(failed)
+                yield from results
+            return
+        # The model is in the server: keep the next batch in flight while this thread
+        # makes and unpacks the others, so the client's work overlaps the server's.
+        with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="runinference") as pool:
+            in_flight: deque[Future[tuple[list[Any], list[tuple[Any, str]]]]] = deque()
+            for batch in batching.batches(items, sizer):
+                in_flight.append(pool.submit(self._run_batch, batch, sizer, self.metrics))
+                if len(in_flight) > PIPELINE_DEPTH:
+                    yield from self._collect(in_flight.popleft())
+            while in_flight:
+                yield from self._collect(in_flight.popleft())
+
+    def _collect(self, future: Future[tuple[list[Any], list[tuple[Any, str]]]]) -> list[Any]:
+        results, failed = future.result()
+        self.failed.extend(failed)
+        return results
 
     def process_bundle(
         self, elements: list[Any], metrics: InferenceMetrics
