@@ -207,6 +207,7 @@ class _Run:
         started = time.monotonic()
         self.h.current = self
         self.h._stop_signal = None
+        completed = False
         old_handlers = self._install_signal_handlers()
         try:
             self._listen()
@@ -216,8 +217,9 @@ class _Run:
                 self.spawn_worker()
             self._open_progress()
             self._loop()
-            if self.failure is None and self.h._stop_signal is None:
-                self.sink.close()
+            completed = self.failure is None and self.h._stop_signal is None
+            if completed:
+                self.sink.close()  # a signal from here on only hurries the clean-up
         finally:
             self.stop()
             self._restore_signal_handlers(old_handlers)
@@ -230,7 +232,7 @@ class _Run:
         if self.failure is not None:
             _abort_sink(self.sink)
             raise self.failure
-        if self.h._stop_signal is not None:
+        if not completed and self.h._stop_signal is not None:
             _abort_sink(self.sink)
             self.summary.interrupted = signal.Signals(self.h._stop_signal).name
         return self.summary

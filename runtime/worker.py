@@ -228,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None)
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # whoever started us decides when we stop
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -14,7 +14,6 @@ import multiprocess
 
 from modelserver import config
 from runtime.control import ControlChannel
-from runtime.worker import worker_main
 
 
 @dataclass
@@ -76,11 +75,14 @@ def exec_worker(
     pipeline_args: tuple[str | None, str | None],
     threads: int,
     socket_path: str | None,
+    log_level: str = "WARNING",
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m runtime.worker`` for a pipeline file or module."""
+    """Start ``python -m runtime.worker`` for a pipeline file or module, in a process group
+    of its own so that a Ctrl-C at the terminal reaches only the harness, which then stops
+    the workers in its own time."""
     cmd = [
         sys.executable, "-m", "runtime.worker", "--control", control_path,
-        "--pipeline", pipeline_ref, "--worker-id", str(worker_id), "--threads", str(threads),
+        "--pipeline", pipeline_ref, "--worker-id", str(worker_id), "--threads", str(threads), "--log-level", log_level,
     ]  # fmt: skip
     inp, outp = pipeline_args
     cmd += ["--input", inp] if inp else []
@@ -90,7 +92,7 @@ def exec_worker(
         env[config.SOCKET_ENV] = socket_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, process_group=0)
 
 
 def _forked_worker(
@@ -98,4 +100,6 @@ def _forked_worker(
 ) -> None:
     if socket_path:
         os.environ[config.SOCKET_ENV] = socket_path
+    from runtime.worker import worker_main  # here, so `python -m runtime.worker` is not pre-imported
+
     worker_main(control_path, worker_id, steps, threads)

@@ -279,14 +279,19 @@ def test_cli_runs_a_pipeline_file_end_to_end(ckpt, private_dir, sock_path):
     assert not os.path.exists(sock_path)
 
 
-def test_sigterm_stops_the_cli_harness_with_no_orphans_and_no_stale_sockets(ckpt, private_dir, sock_path):
+@pytest.mark.parametrize("how", ["SIGTERM to the harness", "SIGINT to its process group (Ctrl-C)"])
+def test_a_signal_stops_the_cli_harness_with_no_orphans_and_no_stale_sockets(
+    ckpt, private_dir, sock_path, how
+):
     _, path = ckpt
     job, inp, out = write_cli_job(private_dir, path, 20000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime", "run", job, "--input", inp, "--output", out,
          "--workers", "2", "--threads", "2", "--bundle-size", "8", "--no-progress"],
         env=server_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        process_group=0,  # its own group, as a shell gives a job
     )  # fmt: skip
+    sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
     try:
         harness = psutil.Process(proc.pid)
         deadline = time.monotonic() + 120
@@ -300,12 +305,16 @@ def test_sigterm_stops_the_cli_harness_with_no_orphans_and_no_stale_sockets(ckpt
             time.sleep(0.05)
         control = workers[0].cmdline()[workers[0].cmdline().index("--control") + 1]
         family = family + server_processes(sock_path)
-        proc.send_signal(signal.SIGTERM)
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err, err
     gone, alive = psutil.wait_procs(family, timeout=20)
     assert not alive, f"orphans: {[p.pid for p in alive]}"
     assert not os.path.exists(control) and not os.path.exists(os.path.dirname(control))
