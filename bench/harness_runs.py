@@ -157,17 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         raw_loop(model, data[: BATCH * 20])  # warm up
         raw = raw_loop(model, data)
         print(f"raw torch loop: {raw:,.0f} elements/s ({args.rows} rows, batch {BATCH})", flush=True)
-        # Beam first: its DirectRunner runs in this process, before any worker is forked.
-        beam = beam_run(path, data) if args.beam else None
-        if args.beam and beam is None:
-            print("Apache Beam is not installed: pip install -e '.[beam]'")
-        elif beam is not None:
-            beam["ratio"] = beam["elements_per_s"] / raw
-            print(
-                f"  Beam RunInference, DirectRunner: {beam['elements_per_s']:>9,.0f} el/s  ratio "
-                f"{beam['ratio']:.2f}  peak tree RSS {beam['peak_tree_rss_mib']:,.0f} MiB",
-                flush=True,
-            )
         for large in (False, True):
             for w in (int(x) for x in args.workers.split(",")):
                 for t in (int(x) for x in args.threads.split(",")):
@@ -180,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"peak tree RSS {r['peak_tree_rss_mib']:,.0f} MiB",
                         flush=True,
                     )
+        # Beam last, so that its memory does not count in the harness runs' process tree.
+        beam = beam_run(path, data) if args.beam else None
+        if args.beam and beam is None:
+            print("Apache Beam is not installed: pip install -e '.[beam]'")
+        elif beam is not None:
+            beam["ratio"] = beam["elements_per_s"] / raw
+            print(
+                f"  Beam RunInference, DirectRunner: {beam['elements_per_s']:>9,.0f} el/s  ratio "
+                f"{beam['ratio']:.2f}  peak tree RSS {beam['peak_tree_rss_mib']:,.0f} MiB",
+                flush=True,
+            )
     print("\n| workers | threads | large_model | elements/s | / raw torch | peak tree RSS |")
     print("|---:|---:|:---|---:|---:|---:|")
     for r in rows:
