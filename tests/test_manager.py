@@ -236,3 +236,31 @@ def test_budget_holds_through_a_long_random_keyed_workload_from_several_processe
     assert status["devices"]["cpu"]["used"] <= budget
     print(f"peak RSS {peak[0] / MB:.0f} MiB = baseline {baseline / MB:.0f} + {(peak[0] - baseline) / MB:.0f}; "
           f"budget {budget / MB:.0f}; {loads} loads, {evictions} evictions")  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_budget_is_checked_against_nvml_and_torch_readings(private_dir, manager_factory):
+    from modelserver import memory
+
+    m = manager_factory(None, gpu_fraction=0.9)
+    specs = {}
+    for i in range(3):
+        path = os.path.join(private_dir, f"g{i}.pt")
+        make_blob(path, 64, seed=i)
+        specs[i] = ModelSpec(
+            "pytorch_state_dict", path, userclass.describe(Blob), {"d": blob_side(64)}, "GPU"
+        )
+    m.register("g0", specs[0])
+    (s,) = m.status()
+    assert s["device"].startswith("cuda")
+    tensor_bytes = blob_side(64) ** 2 * 4
+    assert tensor_bytes <= s["footprint"] <= tensor_bytes * 1.5 + 64 * MB
+    assert s["measured"] >= 0.9 * tensor_bytes  # torch's allocator saw the weights arrive
+    reading = memory.Nvml.read(0)
+    assert reading is not None and m.budget("cuda:0") == int(reading.total * 0.9)
+    # a budget that holds two: the third load evicts one
+    m._gpu_budgets["cuda:0"] = int(2.5 * s["footprint"])  # noqa: SLF001 - a small GPU, for the test
+    m.register("g1", specs[1])
+    m.register("g2", specs[2])
+    assert len(loaded(m)) == 2 and m.used("cuda:0") <= m.budget("cuda:0")
