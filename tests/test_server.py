@@ -128,6 +128,18 @@ def test_missing_and_corrupt_checkpoints_and_unimportable_classes(server, mlp, p
     assert_serving(server, mlp[0])
 
 
+def modelserver_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m modelserver ARGS`` as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelserver", *args],
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def raw_connection(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -270,14 +282,7 @@ def test_server_refuses_a_socket_directory_others_can_enter(private_dir):
     shared = os.path.join(private_dir, "shared")
     os.mkdir(shared, 0o755)
     os.chmod(shared, 0o755)
-    proc = subprocess.run(
-        [sys.executable, "-m", "modelserver", "serve", "--socket", os.path.join(shared, "s.sock")],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = modelserver_cli("serve", "--socket", os.path.join(shared, "s.sock"))
     assert proc.returncode == 2
     assert "open to other users" in proc.stderr
 
@@ -286,41 +291,20 @@ def test_status_command_shows_models_and_counts(server, mlp):
     x = torch.randn(5, 8)
     with server.channel() as ch:
         ch.request({"op": "infer", "key": "mlp", "inputs": x})
-    run = subprocess.run(
-        [sys.executable, "-m", "modelserver", "status", "--socket", server.path, "--json"],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = modelserver_cli("status", "--socket", server.path, "--json")
     assert run.returncode == 0, run.stderr
     status = json.loads(run.stdout)
     (model,) = status["models"]
     assert model["key"] == "mlp" and model["device"] == "cpu" and model["loaded"]
     assert model["nbytes"] == sum(p.numel() * 4 for p in mlp[0].parameters())
     assert model["requests"] == 1 and model["rows"] == 5
-    human = subprocess.run(
-        [sys.executable, "-m", "modelserver", "status", "--socket", server.path],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    human = modelserver_cli("status", "--socket", server.path)
     assert "mlp" in human.stdout and "model_id" in human.stdout
 
 
 def test_stop_command_and_sigterm_remove_the_socket(sock_path):
     srv = start_server(sock_path)
-    run = subprocess.run(
-        [sys.executable, "-m", "modelserver", "stop", "--socket", sock_path],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = modelserver_cli("stop", "--socket", sock_path)
     assert run.returncode == 0, run.stderr
     assert srv.proc.wait(20) == 0
     assert not os.path.exists(sock_path)
@@ -332,14 +316,7 @@ def test_stop_command_and_sigterm_remove_the_socket(sock_path):
 
 
 def test_second_server_on_the_same_socket_exits_and_stale_sockets_are_replaced(server, sock_path):
-    second = subprocess.run(
-        [sys.executable, "-m", "modelserver", "serve", "--socket", sock_path],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = modelserver_cli("serve", "--socket", sock_path)
     assert second.returncode == 3 and "already serves" in second.stderr
     server.proc.kill()
     server.proc.wait()
