@@ -83,15 +83,29 @@ class Batcher:
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._pins = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
-        """True while a batch runs or requests wait: the model is in use."""
+        """True while a batch runs, requests wait, or a request is on its way in (pinned):
+        the model is in use and must not be evicted."""
         with self._cond:
-            return self._busy or bool(self._queue)
+            return self._busy or bool(self._queue) or self._pins > 0
+
+    def pin(self) -> None:
+        """Hold the model in use between looking it up and submitting to it."""
+        with self._cond:
+            self._pins += 1
+
+    def unpin(self) -> None:
+        with self._cond:
+            self._pins -= 1
+            idle = not (self._busy or self._queue or self._pins)
+        if idle and self._on_idle is not None:
+            self._on_idle()
 
     @property
     def queued(self) -> int:
@@ -105,7 +119,7 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise InternalError(f"model {self.name} is being unloaded")
-            if self._busy or self._queue:
+            if self._busy or self._queue:  # (a pin alone does not stop the inline path)
                 self._queue.append(work)
                 self._cond.notify()
                 return
@@ -134,7 +148,7 @@ class Batcher:
         self._thread.join(timeout)
         if self._thread.is_alive():
             return False
-        del self.model  # the model's memory goes with the last reference
+        self.__dict__.pop("model", None)  # the model's memory goes with the last reference
         return True
 
     def _loop(self) -> None:

@@ -87,6 +87,8 @@ class Channel:
                 rid = reply.get("id")
                 if rid is None:  # a connection-level error: the server is closing us
                     raise from_wire(reply.get("error"))
+                if rid not in ids:
+                    raise ProtocolError(f"reply to request {rid!r}, which this connection did not send now")
                 replies[rid] = reply if reply.get("ok") else from_wire(reply.get("error"))
         except BeamletError:
             self.close()
@@ -94,6 +96,9 @@ class Channel:
         except OSError as exc:
             self.close()
             raise ServerUnavailable(f"connection to {self.path} failed: {exc}") from None
+        except BaseException:  # interrupted mid-conversation: replies may still be on the way
+            self.close()
+            raise
         return [replies[rid] for rid in ids]
 
     def close(self) -> None:

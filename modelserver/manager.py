@@ -73,6 +73,7 @@ class ModelSlot:
     last_used: float = field(default_factory=time.monotonic)
     stats: ModelStats = field(default_factory=ModelStats)
     batch_stats: BatchStats = field(default_factory=BatchStats)  # across loads
+    info: dict[str, Any] = field(default_factory=dict)  # what the last load produced; never cleared
 
     @property
     def loaded(self) -> bool:
@@ -171,22 +172,36 @@ class ModelManager:
             return self._load(key, spec, slot)
 
     def get(self, key: str) -> Batcher:
-        """The batcher serving ``key``, reloading an evicted model on demand."""
-        with self._lock:
-            slot = self._slots.get(key)
-            if slot is None:
-                raise ModelNotFound(f"no model registered under key {key!r}")
-            slot.last_used = time.monotonic()
-            if slot.batcher is not None:
-                slot.stats.hits += 1
-                self._policy(slot.device).hit(key)
-                return slot.batcher
-            slot.stats.misses += 1
-            spec = slot.spec
-        batcher = self.register(key, spec).batcher
-        if batcher is None:
-            raise ModelNotFound(f"model {key!r} is not loaded")
-        return batcher
+        """The batcher serving ``key``, pinned (call ``unpin()`` once the request is
+        submitted), reloading an evicted model on demand."""
+        for _attempt in range(5):
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None:
+                    raise ModelNotFound(f"no model registered under key {key!r}")
+                slot.last_used = time.monotonic()
+                if slot.batcher is not None:
+                    slot.stats.hits += 1
+                    self._policy(slot.device).hit(key)
+                    slot.batcher.pin()  # under the lock: no eviction can slip in before submit
+                    return slot.batcher
+                slot.stats.misses += 1
+            self._reload(key)
+        raise OutOfMemory(
+            f"model {key!r} was evicted again each time it was reloaded; the budget is too tight"
+        )
+
+    def _reload(self, key: str) -> None:
+        """Load ``key``'s current spec unless someone else already has."""
+        with self._load_lock:
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None:
+                    raise ModelNotFound(f"no model registered under key {key!r}")
+                if slot.batcher is not None:
+                    return
+                spec = slot.spec  # read under the load lock: a newer registration wins
+            self._load(key, spec, slot)
 
     def evict(self, key: str) -> bool:
         """Unload ``key`` now if it is idle; True when it was unloaded."""
@@ -293,6 +308,9 @@ class ModelManager:
             del model
             self._collect()
             raise
+        if self._closed.is_set():
+            del model
+            raise OutOfMemory("the server is stopping")
         with self._lock:
             old = self._slots.get(key)
             batch_stats = old.batch_stats if old is not None else BatchStats()
@@ -301,6 +319,12 @@ class ModelManager:
             )
             slot = ModelSlot(key, spec, device, batcher, footprint, measured, nvml_delta)
             slot.batch_stats = batch_stats
+            slot.info = {
+                "model_id": batcher.model_id,
+                "device": batcher.device,
+                "nbytes": batcher.nbytes,
+                "footprint": footprint,
+            }
             retired = None
             if old is not None:
                 slot.stats = old.stats

@@ -271,7 +271,7 @@ class ModelServer:
     def _infer(self, conn: Connection, request: protocol.Infer) -> None:
         rid = request.id
         for _attempt in range(3):
-            batcher = self.manager.get(request.key)
+            batcher = self.manager.get(request.key)  # pinned: not evictable until submitted
             model_id = batcher.model_id
 
             def reply(outputs: Any, error: BeamletError | None, model_id: str = model_id) -> None:
@@ -284,8 +284,10 @@ class ModelServer:
                 batcher.submit(Work(request.inputs, request.kwargs, reply))
                 return
             except InternalError:
-                continue  # evicted or swapped between lookup and submit: look again
-        raise InternalError(f"model {request.key!r} kept being unloaded; try again")
+                continue  # swapped for a new version between lookup and submit: look again
+            finally:
+                batcher.unpin()
+        raise InternalError(f"model {request.key!r} kept being replaced; try again")
 
     def _load(self, conn: Connection, request: protocol.Load) -> None:
         # Loading can take long: do it off the reader thread so this connection's other
@@ -295,17 +297,7 @@ class ModelServer:
         def run() -> None:
             try:
                 slot = self.manager.register(request.key, spec)
-                b = slot.batcher
-                assert b is not None
-                conn.send(
-                    protocol.ok_reply(
-                        request.id,
-                        model_id=b.model_id,
-                        device=b.device,
-                        nbytes=b.nbytes,
-                        footprint=slot.footprint,
-                    )
-                )
+                conn.send(protocol.ok_reply(request.id, **slot.info))
             except BeamletError as exc:
                 conn.send(protocol.error_reply(request.id, exc))
             except Exception as exc:

@@ -19,6 +19,7 @@ NamedTuples (PredictionResult) travel as maps. The worker's exit codes:
     0                  stopped when asked
     EXIT_BOOT_FAILED   could not start (bad pipeline, unimportable code): do not restart
     EXIT_LOST_HARNESS  its control connection closed: the harness is gone
+    EXIT_CRASHED       failed after booting: restart it
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from modelserver.errors import ProtocolError
 
 EXIT_BOOT_FAILED = 4
 EXIT_LOST_HARNESS = 5
+EXIT_CRASHED = 6
 HEARTBEAT_SECONDS = 1.0
 
 

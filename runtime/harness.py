@@ -403,7 +403,11 @@ class _Run:
             log.warning("abandoning %d uncommitted bundles", abandoned)
 
     def _read_input(self) -> None:
-        while not self.input_exhausted and len(self.pending) + len(self._in_flight_elements) < self.window:
+        # Completed bundles waiting for a slow predecessor count too: memory stays bounded.
+        while (
+            not self.input_exhausted
+            and len(self.pending) + len(self._in_flight_elements) + len(self.done) < self.window
+        ):
             try:
                 elements = next(self.bundles)
             except StopIteration:

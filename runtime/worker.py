@@ -33,6 +33,7 @@ from typing import Any
 from client.inference import InferenceMetrics
 from runtime.control import (
     EXIT_BOOT_FAILED,
+    EXIT_CRASHED,
     EXIT_LOST_HARNESS,
     HEARTBEAT_SECONDS,
     ControlChannel,
@@ -89,6 +90,13 @@ class Worker:
     def serve(self) -> int:
         if not self.boot():
             return EXIT_BOOT_FAILED
+        try:
+            return self._serve()
+        except Exception:
+            log.exception("worker %d crashed", self.worker_id)
+            return EXIT_CRASHED
+
+    def _serve(self) -> int:
         self.channel.send(
             {"op": "hello", "worker": self.worker_id, "pid": os.getpid(), "threads": self.threads}
         )

@@ -66,7 +66,11 @@ def infer(m: ModelManager, key: str, x: torch.Tensor) -> torch.Tensor:
 
     from modelserver.batcher import Work
 
-    m.get(key).submit(Work(x, {}, reply))
+    batcher = m.get(key)
+    try:
+        batcher.submit(Work(x, {}, reply))
+    finally:
+        batcher.unpin()
     assert done.wait(30)
     if box["err"] is not None:
         raise box["err"]
