@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from client import batching
 from client.inference import InferenceMetrics
 from modelserver import config
 from modelserver.errors import BeamletError
@@ -138,7 +139,7 @@ class Harness:
             raise ValueError("run() needs a pipeline that starts with a read step")
         sink = pipeline.sink or Collect()
         source = pipeline.source
-        bundles = _chunks(source.read(), self.bundle_size)
+        bundles = batching.batches(source.read(), batching.BatchSizer(self.bundle_size, self.bundle_size))
         run = _Run(self, pipeline, bundles, sink, total=source.count())
         return run.execute()
 
@@ -597,17 +598,6 @@ class _Run:
         from tqdm import tqdm
 
         self._bar = tqdm(total=self.total, unit="el", desc="beamlet", dynamic_ncols=True, smoothing=0.1)
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _abort_sink(sink: Sink) -> None:

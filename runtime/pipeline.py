@@ -88,7 +88,11 @@ class InferenceStep(Step):
         models.get(self.transform.handler, self.setup_metrics)
 
     def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
-        results, failed = self.transform.process_bundle(elements, InferenceMetrics())
+        metrics = out.metrics.setdefault(self.label, InferenceMetrics())
+        setup, self.setup_metrics = self.setup_metrics, None
+        if setup is not None:  # the model load, reported once with the first bundle
+            metrics.merge(setup)
+        results, failed = self.transform.process_bundle(elements, metrics)
         for example, error in failed:
             out.dead_letters.append({"step": self.label, "element": example, "error": error})
         return results
@@ -106,13 +110,16 @@ def as_step(obj: Any) -> Step:
 
 @dataclass
 class BundleOutput:
-    """What one bundle produced: outputs in input order, dead letters beside them."""
+    """What one bundle produced: outputs in input order, dead letters beside them, and
+    each RunInference step's metrics by its label."""
 
     outputs: list[Any] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, InferenceMetrics] = field(default_factory=dict)
 
 
 def process_bundle(steps: list[Step], elements: list[Any]) -> BundleOutput:
+    """Apply the steps to one bundle, in order."""
     out = BundleOutput()
     for step in steps:
         elements = step.process(elements, out)

@@ -30,7 +30,6 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from client.inference import InferenceMetrics
 from runtime.control import (
     EXIT_BOOT_FAILED,
     EXIT_CRASHED,
@@ -38,7 +37,7 @@ from runtime.control import (
     HEARTBEAT_SECONDS,
     ControlChannel,
 )
-from runtime.pipeline import BundleOutput, InferenceStep, Pipeline, Step
+from runtime.pipeline import Pipeline, Step, process_bundle
 
 log = logging.getLogger("beamlet.worker")
 
@@ -134,14 +133,14 @@ class Worker:
     def _run_bundle(self, message: dict[str, Any]) -> None:
         bundle_id, attempt = message["bundle"], message["attempt"]
         try:
-            out, metrics = run_steps(self.steps, list(message["elements"]))
+            out = process_bundle(self.steps, list(message["elements"]))
             reply = {
                 "op": "result",
                 "bundle": bundle_id,
                 "attempt": attempt,
                 "outputs": out.outputs,
                 "dead_letters": out.dead_letters,
-                "metrics": {k: m.to_wire() for k, m in metrics.items()},
+                "metrics": {k: m.to_wire() for k, m in out.metrics.items()},
             }
         except Exception as exc:
             reply = {
@@ -165,26 +164,6 @@ class Worker:
             )
         except OSError:
             pass  # the harness is gone; serve() notices
-
-
-def run_steps(steps: list[Step], elements: list[Any]) -> tuple[BundleOutput, dict[str, InferenceMetrics]]:
-    """Apply the steps to one bundle; metrics per RunInference step, by its label."""
-    out = BundleOutput()
-    metrics: dict[str, InferenceMetrics] = {}
-    for step in steps:
-        if isinstance(step, InferenceStep):
-            m = metrics.setdefault(step.label, InferenceMetrics())
-            setup, step.setup_metrics = step.setup_metrics, None
-            if setup is not None:  # the model load, reported once with the first bundle
-                m.merge(setup)
-            results, failed = step.transform.process_bundle(elements, m)
-            for example, error in failed:
-                out.dead_letters.append({"step": step.label, "element": example, "error": error})
-            elements = results
-        else:
-            elements = step.process(elements, out)
-    out.outputs = elements
-    return out, metrics
 
 
 def worker_main(control_path: str, worker_id: int, steps: list[Step], threads: int) -> None:
