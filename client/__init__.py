@@ -10,15 +10,19 @@ from client.handlers import (
     RemoteModel,
 )
 from client.inference import RunInference
-from client.keyed import KeyedModelHandler, KeyModelMapping
+from client.keyed import KeyedModelHandler, KeyModelMapping, KeyModelPathMapping
+from client.refresh import ModelUpdates, ModelUpdateSource
 from client.results import ModelMetadata, PredictionResult
 from client.serverclient import ServerClient, shared_client
 
 __all__ = [
     "KeyModelMapping",
+    "KeyModelPathMapping",
     "KeyedModelHandler",
     "ModelHandler",
     "ModelMetadata",
+    "ModelUpdateSource",
+    "ModelUpdates",
     "PredictionResult",
     "PytorchModelHandlerKeyedTensor",
     "PytorchModelHandlerTensor",

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -64,7 +65,9 @@ class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
         """Raise ValueError when the handler cannot take these inference_args."""
 
     def update_model_path(self, model_path: str | None = None) -> None:
-        """Point the handler at a new model file; the next load uses it."""
+        """Point the handler at a new model file (None: the same file, re-read); the next
+        load uses what the file holds then. In a running job ``RunInference`` swaps the
+        model when the handler's ``cache_key`` changes."""
 
     def share_model_across_processes(self) -> bool:
         """True: one copy of the model per machine, in the model server (large_model)."""
@@ -79,8 +82,13 @@ class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
         return self.cache_key()
 
     def cache_key(self) -> str:
-        """Identifies the model for the per-process cache: handlers with the same key share it."""
+        """Identifies the model version for the per-process cache: handlers with the same
+        key share one loaded model; a new key in the same ``cache_slot`` is a new version."""
         return self._cache_token
+
+    def cache_slot(self) -> str:
+        """Identifies the model across its versions: one loaded version per slot."""
+        return self.cache_key()
 
     def model_copies(self) -> int:
         return 1
@@ -140,6 +148,9 @@ class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
 
     def cache_key(self) -> str:
         return self._base.cache_key()
+
+    def cache_slot(self) -> str:
+        return self._base.cache_slot()
 
     def model_copies(self) -> int:
         return self._base.model_copies()
@@ -217,6 +228,15 @@ def _remote_id(model: Any) -> str | None:
     return model.last_model_id if isinstance(model, RemoteModel) else None
 
 
+def _with_model_id(results: Iterable[Any], model_id: str | None) -> list[Any]:
+    """Results of a remote model name the version that ran them, whatever the
+    inference_fn put there (the server may have swapped versions since the load)."""
+    return [
+        r._replace(model_id=model_id) if isinstance(r, PredictionResult) and r.model_id != model_id else r
+        for r in results
+    ]
+
+
 def _pair(batch: Sequence[Any], predictions: Any, model_id: str | None) -> list[PredictionResult]:
     """One PredictionResult per example, as Beam pairs them: a map of outputs becomes one
     map per row; a tuple of batch-shaped outputs (several heads) one tuple per row."""
@@ -243,16 +263,22 @@ class RemoteModel:
     """A model that lives in the model server; calling it sends one batch there.
 
     ``model(x, **kwargs)`` and ``model(**named_tensors)`` work as for a local module.
-    Thread-safe: every call takes its own pooled connection.
+    Thread-safe: every call takes its own pooled connection. ``last_model_id`` is, per
+    thread, the version that ran this thread's last call.
+
+    ``replace``: swap the key to ``spec`` (an update), or attach to the version the key
+    already serves (a worker joining a running job), loading ``spec`` only when the key
+    is new to the server.
     """
 
-    def __init__(self, server: Any, key: str, spec: ModelSpec):
+    def __init__(self, server: Any, key: str, spec: ModelSpec, *, replace: bool = False):
         self._server = server
         self.key = key
-        self.spec = spec
-        self.last_model_id: str | None = spec.model_id
         self._local = threading.local()
-        info = server.load(key, spec)
+        info = server.load(key, spec, replace=replace)
+        served = info.get("spec")
+        self.spec = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
+        self.model_id: str = info.get("model_id") or self.spec.model_id
         self.device = info.get("device")
         self.nbytes = info.get("nbytes", 0)
         if spec.device.upper() == "GPU" and self.device == "cpu":
@@ -268,8 +294,12 @@ class RemoteModel:
             kwargs = {k: v for k, v in kwargs.items() if k not in named}
             inputs = named
         reply = self._server.infer(self.key, inputs, kwargs)
-        self.last_model_id = reply.get("model_id", self.last_model_id)
+        self._local.model_id = reply.get("model_id") or self.model_id
         return reply["outputs"]
+
+    @property
+    def last_model_id(self) -> str:
+        return getattr(self._local, "model_id", self.model_id)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -310,6 +340,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         # The model server runs elsewhere (its working directory is /): paths must be absolute.
         self._state_dict_path = _absolute(state_dict_path)
         self._torch_script_model_path = _absolute(torch_script_model_path)
+        self._revision = loaders.file_revision(self._state_dict_path or self._torch_script_model_path)
+        self._updated = False  # an update swaps the server's version; a first load attaches
+        self._loaded_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._model_class = model_class
         self._model_params = dict(model_params or {})
         self._device = device
@@ -341,7 +374,13 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def model_spec(self) -> ModelSpec:
         if self._torch_script_model_path:
             return ModelSpec(
-                "torchscript", self._torch_script_model_path, None, {}, self._device, self._load_model_args
+                "torchscript",
+                self._torch_script_model_path,
+                None,
+                {},
+                self._device,
+                self._load_model_args,
+                self._revision,
             )
         return ModelSpec(
             "pytorch_state_dict",
@@ -350,13 +389,17 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             self._model_params,
             self._device,
             self._load_model_args,
+            self._revision,
         )
 
     def model_key(self) -> str:
         return self._key
 
+    def cache_slot(self) -> str:
+        return f"{self._key}:{int(self._large_model)}"
+
     def cache_key(self) -> str:
-        return f"{self._key}:{self.model_spec().digest()}:{int(self._large_model)}"
+        return f"{self.cache_slot()}:{self.model_spec().digest()}"
 
     def share_model_across_processes(self) -> bool:
         return self._large_model
@@ -366,27 +409,36 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         if self._large_model:
             from client.serverclient import shared_client
 
-            return RemoteModel(shared_client(self._socket_path), self._key, spec)
+            return RemoteModel(shared_client(self._socket_path), self._key, spec, replace=self._updated)
         loaded = loaders.load(spec, self._model_class)
         self._resolved_device = loaded.device
+        self._loaded_ids[loaded.module] = loaded.model_id
         return loaded.module
 
     def run_inference(
         self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
     ) -> Iterable[PredictionResult]:
-        device = "cpu" if isinstance(model, RemoteModel) else _module_device(model)
-        return self._inference_fn(batch, model, device, inference_args, self.model_spec().model_id)
+        if isinstance(model, RemoteModel):
+            results = self._inference_fn(batch, model, "cpu", inference_args, model.model_id)
+            return _with_model_id(results, model.last_model_id)
+        model_id = self._loaded_ids.get(model) or self.model_spec().model_id
+        return self._inference_fn(batch, model, _module_device(model), inference_args, model_id)
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
         return dict(self._batching)
 
     def update_model_path(self, model_path: str | None = None) -> None:
-        if model_path is None:
-            return
-        if self._torch_script_model_path:
-            self._torch_script_model_path = _absolute(model_path)
-        else:
-            self._state_dict_path = _absolute(model_path)
+        """Use the model file at ``model_path`` (None: the current file, re-read). The
+        version is the file's identity now (``loaders.file_revision``), so the same path
+        rewritten in place is a new version, and every process that updates to the same
+        file agrees on it: the model server swaps once."""
+        if model_path is not None:
+            if self._torch_script_model_path:
+                self._torch_script_model_path = _absolute(model_path)
+            else:
+                self._state_dict_path = _absolute(model_path)
+        self._revision = loaders.file_revision(self._state_dict_path or self._torch_script_model_path)
+        self._updated = True
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_PyTorch"

@@ -11,6 +11,7 @@ process holds only a ``RemoteModel`` and the model lives in the model server.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,15 +21,37 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from client import batching
+from client import batching, refresh
 from client.handlers import ModelHandler
+from client.refresh import ModelUpdateSource, Update
+from client.results import ModelMetadata
 
+log = logging.getLogger("beamlet.inference")
 PIPELINE_DEPTH = 2  # batches in flight to the model server per RunInference.run
 
 
+@dataclass
+class _Slot:
+    """One model in this process across its versions."""
+
+    version: str  # the handler's cache_key the model was loaded for
+    model: Any
+    loading: str | None = None  # the version now loading in the background
+    rejected: set[str] = field(default_factory=set)  # versions that failed to load
+    load_ms: list[int] = field(default_factory=list)  # background loads not yet reported
+    nbytes: list[int] = field(default_factory=list)
+
+
 class ModelCache:
-    """Models loaded in this process, by the handler's cache key; one load per key even
-    when many threads ask at once."""
+    """Models loaded in this process, one per handler ``cache_slot``; one load per slot
+    even when many threads ask at once.
+
+    A new version (the handler's ``cache_key`` changed: ``update_model_path``) loads on a
+    background thread while every thread keeps using the current one; once loaded it
+    replaces it for the next batch, and the old one is freed when its last batch ends. A
+    version that fails to load is rejected with a logged error and the current one keeps
+    serving; it is not retried until the handler changes version again.
+    """
 
     def __init__(self) -> None:
         self._reset()
@@ -36,39 +59,101 @@ class ModelCache:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._loading: dict[str, threading.Lock] = {}
-        self._models: dict[str, Any] = {}
+        self._slots: dict[str, _Slot] = {}
 
     def _after_fork(self) -> None:
-        # Models stay (copy-on-write); locks another thread held at fork time must not.
-        models = self._models
+        # Models stay (copy-on-write); locks another thread held at fork time must not,
+        # nor a background load that belonged to a thread the child does not have.
+        slots = self._slots
         self._reset()
-        self._models = models
+        for slot in slots.values():
+            slot.loading = None
+        self._slots = slots
 
     def get(self, handler: ModelHandler[Any, Any, Any], metrics: InferenceMetrics | None = None) -> Any:
         """The handler's model, loading it on first use (the load is timed into ``metrics``)."""
-        key = handler.cache_key()
+        name, want = handler.cache_slot(), handler.cache_key()
         with self._lock:
-            if key in self._models:
-                return self._models[key]
-            lock = self._loading.setdefault(key, threading.Lock())
+            slot = self._slots.get(name)
+            if slot is not None:
+                if slot.version != want and want not in slot.rejected and slot.loading is None:
+                    slot.loading = want
+                    threading.Thread(
+                        target=self._load_version,
+                        args=(handler, name, want),
+                        name="model-update",
+                        daemon=True,
+                    ).start()
+                if metrics is not None and slot.load_ms:
+                    metrics.load_model_latency_milli_secs.extend(slot.load_ms)
+                    metrics.model_byte_size.extend(slot.nbytes)
+                    slot.load_ms, slot.nbytes = [], []
+                return slot.model
+            lock = self._loading.setdefault(name, threading.Lock())
         with lock:
             with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            started = time.perf_counter()
-            model = handler.load_model()
+                if name in self._slots:
+                    return self._slots[name].model
+            model, ms = _timed_load(handler)
             if metrics is not None:
-                metrics.load_model_latency_milli_secs.append(int((time.perf_counter() - started) * 1000))
+                metrics.load_model_latency_milli_secs.append(ms)
                 metrics.model_byte_size.append(_model_bytes(model))
             with self._lock:
-                self._models[key] = model
-                self._loading.pop(key, None)
+                self._slots[name] = _Slot(want, model)
+                self._loading.pop(name, None)
             return model
+
+    def _load_version(self, handler: ModelHandler[Any, Any, Any], name: str, want: str) -> None:
+        try:
+            model, ms = _timed_load(handler)
+        except Exception as exc:
+            log.error(
+                "model update rejected, the current version keeps serving: %s: %s", type(exc).__name__, exc
+            )
+            with self._lock:
+                slot = self._slots[name]
+                slot.rejected.add(want)
+                slot.loading = None
+                self._changed.notify_all()
+            return
+        with self._lock:
+            slot = self._slots[name]
+            slot.version, slot.model, slot.loading = want, model, None
+            slot.load_ms.append(ms)
+            slot.nbytes.append(_model_bytes(model))
+            self._changed.notify_all()
+        log.info("model %s updated to %s", name, getattr(model, "model_id", want))
+
+    def wait_for(self, handler: ModelHandler[Any, Any, Any], timeout: float = 60.0) -> bool:
+        """Wait until the handler's current version is loaded (or rejected); True when
+        it serves. For tests and tools; a running job never waits."""
+        self.get(handler)  # starts the load if nothing has yet
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                slot = self._slots.get(handler.cache_slot())
+                want = handler.cache_key()
+                if slot is not None and slot.loading is None:
+                    if slot.version == want:
+                        return True
+                    if want in slot.rejected:
+                        return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
 
     def drop(self, handler: ModelHandler[Any, Any, Any]) -> None:
         with self._lock:
-            self._models.pop(handler.cache_key(), None)
+            self._slots.pop(handler.cache_slot(), None)
+
+
+def _timed_load(handler: ModelHandler[Any, Any, Any]) -> tuple[Any, int]:
+    started = time.perf_counter()
+    model = handler.load_model()
+    return model, int((time.perf_counter() - started) * 1000)
 
 
 models = ModelCache()
@@ -97,17 +182,32 @@ class InferenceMetrics:
     load_model_latency_milli_secs: list[int] = field(default_factory=list)
     model_byte_size: list[int] = field(default_factory=list)
     failed_batches_counter: int = 0
+    model_name: str = ""  # after a named model update: Beam prefixes the names with it
+
+    def named(self) -> dict[str, Any]:
+        """Beam's metric names (``<model_name>_num_inferences`` after a named update),
+        with each distribution summarised as count, mean, p50, p99 and max."""
+        prefix = f"{self.model_name}_" if self.model_name else ""
+        out: dict[str, Any] = {
+            f"{prefix}num_inferences": self.num_inferences,
+            f"{prefix}failed_batches_counter": self.failed_batches_counter,
+        }
+        for name in _DISTRIBUTIONS:
+            values = sorted(getattr(self, name))
+            out[f"{prefix}{name}"] = {
+                "count": len(values),
+                "mean": round(sum(values) / len(values), 2) if values else 0.0,
+                "p50": _percentile(values, 50),
+                "p99": _percentile(values, 99),
+                "max": values[-1] if values else 0,
+            }
+        return out
 
     def merge(self, other: InferenceMetrics) -> None:
         self.num_inferences += other.num_inferences
         self.failed_batches_counter += other.failed_batches_counter
-        for name in (
-            "inference_request_batch_size",
-            "inference_request_batch_byte_size",
-            "inference_batch_latency_micro_secs",
-            "load_model_latency_milli_secs",
-            "model_byte_size",
-        ):
+        self.model_name = self.model_name or other.model_name
+        for name in _DISTRIBUTIONS:
             getattr(self, name).extend(getattr(other, name))
 
     def to_wire(self) -> dict[str, Any]:
@@ -118,26 +218,100 @@ class InferenceMetrics:
         return cls(**data)
 
 
+_DISTRIBUTIONS = (
+    "inference_request_batch_size",
+    "inference_request_batch_byte_size",
+    "inference_batch_latency_micro_secs",
+    "load_model_latency_milli_secs",
+    "model_byte_size",
+)
+
+
+def _percentile(ordered: list[int], q: float) -> float:
+    if not ordered:
+        return 0.0
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return float(ordered[k])
+
+
 class RunInference:
     """Runs ``model_handler`` over examples; yields PredictionResults (or what the
     handler's postprocess functions make of them) in input order.
 
     ``with_exception_handling()``: a batch whose inference raises does not stop the run;
     its examples go to the failed output with the exception's text (Beam's dead letters).
+
+    ``model_metadata_pcoll``: a source of model updates (``client.refresh``), such as
+    ``runtime.WatchFilePattern``. Each update swaps the model without stopping: batches
+    keep running on the current version while the new one loads, then use the new one;
+    each PredictionResult's ``model_id`` names the version that produced it. After an
+    update with a ``model_name``, metrics go under that name (``metrics_by_model``), as
+    Beam prefixes them. In a pipeline run by the harness, the harness polls the source
+    once and sends every update to every SDK worker.
     """
 
     def __init__(
         self,
         model_handler: ModelHandler[Any, Any, Any],
         inference_args: dict[str, Any] | None = None,
+        *,
+        model_metadata_pcoll: ModelUpdateSource | None = None,
     ):
         model_handler.validate_inference_args(inference_args)
+        if model_metadata_pcoll is not None and not isinstance(model_metadata_pcoll, ModelUpdateSource):
+            raise TypeError(
+                "model_metadata_pcoll must be a source of model updates (poll() and interval), "
+                f"such as runtime.WatchFilePattern; got {type(model_metadata_pcoll).__name__}"
+            )
         self.handler = model_handler
         self._inference_args = inference_args
         self.exception_handling = False
-        self.metrics = InferenceMetrics()
+        self.model_updates = model_metadata_pcoll
+        self.model_name = ""
+        self.metrics = InferenceMetrics()  # before any named update (Beam: no prefix)
+        self.metrics_by_model: dict[str, InferenceMetrics] = {"": self.metrics}
         self.failed: list[tuple[Any, str]] = []
         self._sizer: batching.BatchSizer | None = None
+        self._next_poll = 0.0
+
+    def update_model(self, update: Update) -> None:
+        """Apply one model update: a ModelMetadata (the handler loads ``model_id``), or a
+        list of KeyModelPathMapping for a keyed handler. The swap happens at the next batch."""
+        update = refresh.check(update)
+        if isinstance(update, ModelMetadata):
+            self.handler.update_model_path(update.model_id)
+            self.model_name = update.model_name or ""
+        else:
+            update_paths = getattr(self.handler, "update_model_paths", None)
+            if update_paths is None:
+                raise TypeError(
+                    f"{type(self.handler).__name__} takes ModelMetadata updates, not KeyModelPathMapping"
+                )
+            update_paths(None, update)
+        log.info("model update: %s", update)
+
+    def _poll_updates(self) -> None:
+        source = self.model_updates
+        if source is None or time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + source.interval
+        update = source.poll()
+        if update is not None:
+            self.update_model(update)
+
+    def _current_metrics(self) -> InferenceMetrics:
+        return self.metrics_by_model.setdefault(self.model_name, InferenceMetrics(model_name=self.model_name))
+
+    def beam_metrics(self) -> dict[str, Any]:
+        """Every metric under Beam's names, prefixed per model name after named updates."""
+        out: dict[str, Any] = {}
+        for m in self.metrics_by_model.values():
+            out.update(m.named())
+        return out
+
+    def prefetch(self) -> None:
+        """Start loading the handler's current version now, not at the next batch."""
+        models.get(self.handler)
 
     def with_exception_handling(self) -> RunInference:
         self.exception_handling = True
@@ -155,7 +329,8 @@ class RunInference:
             items = map(fn, items)
         if not self.handler.share_model_across_processes():
             for batch in batching.batches(items, sizer):
-                results, failed = self._run_batch(batch, sizer, self.metrics)
+                self._poll_updates()
+                results, failed = self._run_batch(batch, sizer, self._current_metrics())
                 self.failed.extend(failed)
                 yield from results
             return
@@ -164,7 +339,8 @@ class RunInference:
         with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="runinference") as pool:
             in_flight: deque[Future[tuple[list[Any], list[tuple[Any, str]]]]] = deque()
             for batch in batching.batches(items, sizer):
-                in_flight.append(pool.submit(self._run_batch, batch, sizer, self.metrics))
+                self._poll_updates()
+                in_flight.append(pool.submit(self._run_batch, batch, sizer, self._current_metrics()))
                 if len(in_flight) > PIPELINE_DEPTH:
                     yield from self._collect(in_flight.popleft())
             while in_flight:

@@ -13,6 +13,7 @@ a time (least recently used first out), as in Beam.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.handlers import ModelHandler
+
+log = logging.getLogger("beamlet.keyed")
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,30 @@ class KeyModelMapping:
             raise ValueError("a KeyModelMapping needs at least one key")
 
 
+@dataclass(frozen=True)
+class KeyModelPathMapping:
+    """A model update for a keyed handler (Beam's KeyModelPathMapping): the model that
+    serves ``keys`` now loads from ``update_path``. ``model_id`` is informational."""
+
+    keys: list[str]
+    update_path: str
+    model_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("a KeyModelPathMapping needs at least one key")
+        if not self.update_path:
+            raise ValueError("a KeyModelPathMapping needs an update_path")
+
+
 class _KeyedModels:
     """What KeyedModelHandler.load_model returns: the per-key models, loaded on demand."""
 
     def __init__(self, handler: KeyedModelHandler):
         self._handler = handler
         self._lock = threading.Lock()
-        self._local: OrderedDict[int, Any] = OrderedDict()  # mapping index -> model
+        self._local: OrderedDict[int, tuple[str, Any]] = OrderedDict()  # index -> (version, model)
+        self._rejected: dict[int, set[str]] = {}
         self.evictions = 0
 
     def model_for(self, index: int) -> Any:
@@ -49,13 +69,26 @@ class _KeyedModels:
         mh = self._handler.mappings[index].mh
         if mh.share_model_across_processes():
             return models.get(mh)  # a RemoteModel: the server manages the memory
+        want = mh.cache_key()
         with self._lock:
-            if index in self._local:
+            current = self._local.get(index)
+            if current is not None and (current[0] == want or want in self._rejected.get(index, ())):
                 self._local.move_to_end(index)
-                return self._local[index]
-        model = mh.load_model()
+                return current[1]
+        try:
+            model = mh.load_model()
+        except Exception as exc:
+            if current is None:
+                raise
+            log.error(
+                "model update for keys %s rejected, the current version keeps serving: %s: %s",
+                self._handler.mappings[index].keys, type(exc).__name__, exc,
+            )  # fmt: skip
+            with self._lock:
+                self._rejected.setdefault(index, set()).add(want)
+            return current[1]
         with self._lock:
-            self._local[index] = model
+            self._local[index] = (want, model)
             self._local.move_to_end(index)
             hint = self._handler.max_models_per_worker_hint
             while hint is not None and len(self._local) > hint:
@@ -142,6 +175,28 @@ class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedMod
             self.mappings[0].mh.update_model_path(model_path)
         else:
             raise ValueError("a keyed handler with several models updates per key (KeyModelPathMapping)")
+
+    def update_model_paths(
+        self, model: Any = None, model_paths: list[KeyModelPathMapping] | None = None
+    ) -> None:
+        """Apply Beam's keyed update: each mapping's keys must all be served by one model,
+        whose handler then loads from ``update_path`` (for all of its keys). ``model`` is
+        unused (Beam passes the loaded models)."""
+        plan: list[tuple[int, str]] = []
+        for update in model_paths or []:
+            indexes = set()
+            for key in update.keys:
+                if key not in self._route:
+                    raise ValueError(f"model update for key {key!r}: no model is mapped to that key")
+                indexes.add(self._route[key])
+            if len(indexes) != 1:
+                raise ValueError(
+                    f"model update for keys {update.keys}: they are served by different models; "
+                    "update each model's keys in their own KeyModelPathMapping"
+                )
+            plan.append((indexes.pop(), update.update_path))
+        for index, path in plan:  # all checked first: an update applies whole or not at all
+            self.mappings[index].mh.update_model_path(path)
 
     def socket_paths(self) -> set[str | None]:
         return {

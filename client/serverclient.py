@@ -115,16 +115,20 @@ class ServerClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def load(self, key: str, spec: ModelSpec) -> dict[str, Any]:
-        """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes."""
-        self._specs[key] = spec
-        return self.call({"op": "load", "key": key, "spec": spec.to_wire()})
+    def load(self, key: str, spec: ModelSpec, *, replace: bool = True) -> dict[str, Any]:
+        """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes
+        and the spec the key serves. ``replace=False`` attaches to whatever version the key
+        already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``."""
+        reply = self.call({"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace})
+        served = reply.get("spec")
+        self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
+        return reply
 
     def infer(self, key: str, inputs: Any, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one batch on the model registered under ``key``: {outputs, model_id}.
 
-        If the server has forgotten the model (restart, new server), the spec this client
-        registered is sent again and the batch retried once."""
+        If the server has forgotten the model (restart, new server), the spec the key last
+        served for this client is registered again and the batch retried once."""
         message = {"op": "infer", "key": key, "inputs": inputs, "kwargs": kwargs or {}}
         try:
             return self.call(message)
@@ -132,7 +136,7 @@ class ServerClient:
             spec = self._specs.get(key)
             if spec is None:
                 raise
-            self.load(key, spec)
+            self.load(key, spec, replace=False)
             return self.call(message)
 
     def status(self) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class ModelSpec:
                        warning when CUDA is unusable) or an explicit "cuda:N"
     load_model_args    extra keyword arguments for torch.load / torch.jit.load
                        (weights_only is always True)
+    revision           which version of the file at ``path``: its identity when the
+                       handler was pointed at it (``file_revision``). A file rewritten in
+                       place gets a new revision, so the spec differs and the model swaps.
     """
 
     loader: str
@@ -47,6 +50,7 @@ class ModelSpec:
     model_params: dict[str, Any] = field(default_factory=dict)
     device: str = "CPU"
     load_model_args: dict[str, Any] = field(default_factory=dict)
+    revision: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,20 @@ class ModelSpec:
             return self.path
         name = (self.model_class or {}).get("name", "model")
         return f"{name}@{self.digest()}"
+
+
+def file_revision(path: str | None) -> str:
+    """The identity of what ``path`` holds now: inode, size, modification and change
+    times (nanoseconds). Rewriting the file in place, or renaming a new file over it,
+    changes it; an unchanged file keeps it, so processes that look at the same file
+    agree. Empty when there is no such file (the load will say so)."""
+    if not path:
+        return ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}"
 
 
 @dataclass
@@ -142,6 +160,37 @@ def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
         module = module.to(device)
     module.eval()
     return LoadedModel(module, device, tensor_bytes(module), spec.model_id)
+
+
+def check(spec: ModelSpec) -> None:
+    """Check a state_dict checkpoint against its class without loading its weights: read
+    it memory-mapped and assign it to the class built on the meta device. Raises
+    ModelLoadError for a corrupt file or tensors that do not fit (a swap that must drop
+    the old version first checks the new one this way before dropping anything)."""
+    import torch
+
+    spec.validate()
+    if spec.loader != "pytorch_state_dict" or not spec.path:
+        return
+    path = _existing(spec.path)
+    args = {
+        k: v for k, v in spec.load_model_args.items() if k not in ("weights_only", "map_location", "mmap")
+    }
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True, **args)
+    except Exception as exc:
+        if "mmap can only be used" in str(exc):
+            return  # an old-format checkpoint: only a real load can tell
+        raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    name = (spec.model_class or {}).get("name")
+    with torch.device("meta"):
+        module = _build(spec)
+    try:
+        module.load_state_dict(state, assign=True)
+    except Exception as exc:
+        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+    finally:
+        del state, module
 
 
 def _build_with_state(spec: ModelSpec, factory: Any, state: Any, path: str) -> Any:

@@ -21,8 +21,8 @@ then fails with OutOfMemory; a model larger than the whole budget is refused at 
 A watcher thread also evicts idle models when the machine itself runs short (host
 available memory, GPU free memory), whoever caused it.
 
-Registering a key again with a different spec loads the new version beside the old one
-and swaps it in atomically; the old version finishes its queued batches and is freed.
+Registering a key again with a different spec swaps versions (``_swap``): beside the old
+one when the budget holds both, else after draining and freeing the old one.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ModelStats:
     hits: int = 0
     misses: int = 0
     swaps: int = 0
+    failed_swaps: int = 0
     load_seconds: float = 0.0
     last_load_seconds: float = 0.0
 
@@ -158,17 +159,22 @@ class ModelManager:
         return sum(s.footprint for s in self._slots.values() if s.loaded and s.device == device)
 
     # -- the public verbs ---------------------------------------------------------------
-    def register(self, key: str, spec: loaders.ModelSpec) -> ModelSlot:
-        """Make ``key`` serve ``spec``, loading it now. A new spec for a known key swaps."""
+    def register(self, key: str, spec: loaders.ModelSpec, *, replace: bool = True) -> ModelSlot:
+        """Make ``key`` serve ``spec``, loading it now. A new spec for a known key swaps
+        (``swap``); with ``replace=False`` a known key keeps the spec it serves."""
         with self._lock:
             slot = self._slots.get(key)
-            if slot is not None and slot.spec == spec and slot.loaded:
+            if slot is not None and slot.loaded and (slot.spec == spec or not replace):
                 return slot
         with self._load_lock:
             with self._lock:
                 slot = self._slots.get(key)
-                if slot is not None and slot.spec == spec and slot.loaded:
+                if slot is not None and slot.loaded and (slot.spec == spec or not replace):
                     return slot
+                if slot is not None and not replace:
+                    spec = slot.spec  # evicted: reload what the key serves, not the caller's
+            if slot is not None and slot.loaded:
+                return self._swap(key, spec, slot)
             return self._load(key, spec, slot)
 
     def get(self, key: str) -> Batcher:
@@ -246,6 +252,8 @@ class ModelManager:
                     "hits": s.stats.hits,
                     "misses": s.stats.misses,
                     "swaps": s.stats.swaps,
+                    "failed_swaps": s.stats.failed_swaps,
+                    "revision": s.spec.revision,
                     "load_seconds": round(s.stats.load_seconds, 4),
                     **s.batch_stats.as_dict(),
                 }
@@ -324,6 +332,7 @@ class ModelManager:
                 "device": batcher.device,
                 "nbytes": batcher.nbytes,
                 "footprint": footprint,
+                "spec": spec.to_wire(),
             }
             retired = None
             if old is not None:
@@ -345,6 +354,51 @@ class ModelManager:
             key, spec.model_id, device, seconds, model.nbytes, measured, footprint,
         )  # fmt: skip
         return slot
+
+    def _swap(self, key: str, spec: loaders.ModelSpec, old: ModelSlot) -> ModelSlot:
+        """Under the load lock: replace ``key``'s loaded version with ``spec``.
+
+        Beside: when the budget holds both (after evicting idle models of other keys), the
+        new version loads while the old one serves, then becomes current atomically; the
+        old one finishes its queued batches on a retiring thread and is freed.
+
+        Drain first: when it does not, the new version is checked (its checkpoint read
+        memory-mapped against its class), the old one is taken out of service, finishes
+        its in-flight batches and is freed, and the new one loads. Requests that arrive
+        meanwhile wait for the load (``get`` reloads under the same lock), so none fails.
+        If the new version still fails to load, the old one is loaded back.
+
+        A version that fails to load is rejected with a logged error; the old one keeps
+        serving. Either way ``stats.failed_swaps`` counts it."""
+        device = loaders.resolve_device(spec.device)
+        budget = self.budget(device)
+        expected = max(estimate_bytes(spec), old.footprint if old.device == device else 0)
+        beside = budget is None or self._make_room(key, device, expected, wait=False)
+        try:
+            if beside:
+                return self._load(key, spec, old)
+            loaders.check(spec)
+            log.info("swapping %s: %s cannot hold both versions; draining the old one first", key, device)
+            with self._lock:
+                old_spec = old.spec
+                retired = self._detach(old, evicted=False)
+            self._release([retired])
+            try:
+                return self._load(key, spec, old)
+            except Exception:
+                log.error("loading the new version of %s failed; loading the old one back", key)
+                self._load(key, old_spec, old)
+                raise
+        except Exception as exc:
+            old.stats.failed_swaps += 1
+            log.error(
+                "new version of %s (%s) rejected, %s keeps serving: %s",
+                key,
+                spec.model_id,
+                old.spec.model_id,
+                exc,
+            )
+            raise
 
     def _measured_load(
         self, key: str, spec: loaders.ModelSpec, device: str
@@ -384,22 +438,27 @@ class ModelManager:
         raise AssertionError("unreachable")
 
     # -- making room ----------------------------------------------------------------------
-    def _make_room(self, key: str, device: str, needed: int) -> None:
+    def _make_room(self, key: str, device: str, needed: int, *, wait: bool = True) -> bool:
         """Evict idle models on ``device`` until ``needed`` more bytes fit its budget,
-        waiting up to ``load_wait`` seconds for busy models to go idle."""
+        waiting up to ``load_wait`` seconds for busy models to go idle (``wait=False``:
+        return False at once instead of waiting or failing). True when it fits."""
         budget = self.budget(device)
         if budget is None:
-            return
+            return True
         deadline = time.monotonic() + self.load_wait
         while True:
             with self._lock:
                 used = self._used(device)
                 if used + needed <= budget:
-                    return
+                    return True
                 idle = [k for k in self._idle_keys(device) if k != key]
                 chosen = self._policy(device).choose_victims(idle, used + needed - budget)
+                if not wait and sum(self._slots[k].footprint for k in idle) < used + needed - budget:
+                    return False  # evicting every idle model would not be enough: keep them
                 victims = [self._detach(self._slots[k]) for k in chosen]
                 if not victims:
+                    if not wait:
+                        return False
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._closed.is_set():
                         raise OutOfMemory(

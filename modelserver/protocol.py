@@ -33,9 +33,14 @@ class Hello:
 
 @dataclass(frozen=True)
 class Load:
+    """Register ``spec`` under ``key`` and load it. ``replace``: a key that already serves
+    another spec swaps to this one; without it the key keeps what it serves (a worker
+    joining a running job attaches to the job's current version)."""
+
     id: int
     key: str
     spec: dict[str, Any]
+    replace: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,10 @@ def parse_request(msg: Any) -> Request:
             raise BadRequest("infer request has no 'inputs'")
         return Infer(rid, _field(msg, "key", str), msg["inputs"], kwargs)
     if op == "load":
-        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict))
+        replace = msg.get("replace", True)
+        if not isinstance(replace, bool):
+            raise BadRequest(f"request field 'replace' must be bool, got {replace!r:.60}")
+        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict), replace)
     if op == "hello":
         return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))
     if op == "status":

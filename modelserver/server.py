@@ -296,7 +296,7 @@ class ModelServer:
 
         def run() -> None:
             try:
-                slot = self.manager.register(request.key, spec)
+                slot = self.manager.register(request.key, spec, replace=request.replace)
                 conn.send(protocol.ok_reply(request.id, **slot.info))
             except BeamletError as exc:
                 conn.send(protocol.error_reply(request.id, exc))

@@ -4,6 +4,8 @@ See docs/runtime.md.
 """
 
 from client.inference import RunInference
+from client.keyed import KeyModelPathMapping
+from client.results import ModelMetadata
 from runtime.harness import BundleResult, Harness, PipelineError
 from runtime.pipeline import (
     Collect,
@@ -19,15 +21,21 @@ from runtime.pipeline import (
     WriteToText,
 )
 from runtime.summary import RunSummary
+from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
 
 __all__ = [
     "BundleResult",
     "Collect",
     "Create",
+    "FileInfo",
+    "FileStore",
     "Filter",
     "FlatMap",
     "Harness",
+    "KeyModelPathMapping",
+    "LocalFiles",
     "Map",
+    "ModelMetadata",
     "Pipeline",
     "PipelineError",
     "ReadFromJsonLines",
@@ -35,6 +43,7 @@ __all__ = [
     "ReadFromText",
     "RunInference",
     "RunSummary",
+    "WatchFilePattern",
     "WriteToJsonLines",
     "WriteToText",
 ]

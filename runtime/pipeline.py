@@ -88,7 +88,9 @@ class InferenceStep(Step):
         models.get(self.transform.handler, self.setup_metrics)
 
     def process(self, elements: list[Any], out: BundleOutput) -> list[Any]:
-        metrics = out.metrics.setdefault(self.label, InferenceMetrics())
+        name = self.transform.model_name  # after a named model update, metrics go under it
+        label = f"{self.label} [{name}]" if name else self.label
+        metrics = out.metrics.setdefault(label, InferenceMetrics(model_name=name))
         setup, self.setup_metrics = self.setup_metrics, None
         if setup is not None:  # the model load, reported once with the first bundle
             metrics.merge(setup)

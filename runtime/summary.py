@@ -8,14 +8,6 @@ from typing import Any
 from client.inference import InferenceMetrics
 
 
-def _percentile(values: list[int], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return float(ordered[k])
-
-
 @dataclass
 class RunSummary:
     """The end-of-run report; ``str()`` renders it for a terminal."""
@@ -29,6 +21,7 @@ class RunSummary:
     bundle_retries: int = 0
     worker_restarts: int = 0
     server_restarts: int = 0
+    model_updates: int = 0
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: str | None = None
@@ -39,23 +32,11 @@ class RunSummary:
         return self.elements_in / self.seconds if self.seconds else 0.0
 
     def set_metrics(self, metrics: dict[str, InferenceMetrics]) -> None:
-        """Aggregate each RunInference step's metrics (Beam's names) over all workers."""
+        """Aggregate each RunInference step's metrics (Beam's names) over all workers.
+        After a named model update a step reports under ``label [model_name]``, with
+        Beam's ``<model_name>_`` prefix on each name."""
         for label, m in metrics.items():
-            lat = m.inference_batch_latency_micro_secs
-            self.metrics[label] = {
-                "num_inferences": m.num_inferences,
-                "failed_batches_counter": m.failed_batches_counter,
-                "inference_request_batch_size_mean": (
-                    sum(m.inference_request_batch_size) / len(m.inference_request_batch_size)
-                    if m.inference_request_batch_size
-                    else 0.0
-                ),
-                "inference_batch_latency_micro_secs_p50": _percentile(lat, 50),
-                "inference_batch_latency_micro_secs_p99": _percentile(lat, 99),
-                "load_model_latency_milli_secs_max": max(m.load_model_latency_milli_secs, default=0),
-                "model_byte_size": max(m.model_byte_size, default=0),
-                "batches": len(lat),
-            }
+            self.metrics[label] = m.named()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +50,7 @@ class RunSummary:
             "bundle_retries": self.bundle_retries,
             "worker_restarts": self.worker_restarts,
             "server_restarts": self.server_restarts,
+            "model_updates": self.model_updates,
             "seconds": round(self.seconds, 3),
             "elements_per_second": round(self.throughput, 1),
             "interrupted": self.interrupted,
@@ -84,15 +66,20 @@ class RunSummary:
             f"recovery   {self.bundle_retries} bundle retries, {self.worker_restarts} worker restarts, "
             f"{self.server_restarts} model-server restarts",
         ]
+        if self.model_updates:
+            lines.append(f"models     {self.model_updates} model updates sent to the workers")
         if self.interrupted:
             lines.append(f"STOPPED    by {self.interrupted}; uncommitted bundles were abandoned")
-        for label, m in self.metrics.items():
+        for label, named in self.metrics.items():
+            m = named
+            prefix = next((k[: -len("num_inferences")] for k in m if k.endswith("num_inferences")), "")
+            lat = m[f"{prefix}inference_batch_latency_micro_secs"]
+            size = m[f"{prefix}inference_request_batch_size"]
             lines.append(
-                f"{label}: {m['num_inferences']} inferences in {m['batches']} batches "
-                f"(mean {m['inference_request_batch_size_mean']:.1f}), batch latency p50 "
-                f"{m['inference_batch_latency_micro_secs_p50'] / 1000:.1f} ms p99 "
-                f"{m['inference_batch_latency_micro_secs_p99'] / 1000:.1f} ms, "
-                f"{m['failed_batches_counter']} failed batches, model load "
-                f"{m['load_model_latency_milli_secs_max']} ms, model {m['model_byte_size']} bytes"
+                f"{label}: {m[f'{prefix}num_inferences']} inferences in {size['count']} batches "
+                f"(mean {size['mean']:.1f}), batch latency p50 {lat['p50'] / 1000:.1f} ms p99 "
+                f"{lat['p99'] / 1000:.1f} ms, {m[f'{prefix}failed_batches_counter']} failed batches, "
+                f"model load {m[f'{prefix}load_model_latency_milli_secs']['max']} ms, "
+                f"model {m[f'{prefix}model_byte_size']['max']} bytes"
             )
         return "\n".join(lines)

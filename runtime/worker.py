@@ -30,6 +30,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from client import refresh
 from runtime.control import (
     EXIT_BOOT_FAILED,
     EXIT_CRASHED,
@@ -115,6 +116,8 @@ class Worker:
                 op = message.get("op")
                 if op == "bundle":
                     self._pool.submit(self._run_bundle, message)
+                elif op == "update_model":
+                    self._update_model(message)
                 elif op == "stop":
                     self._pool.shutdown(wait=True)
                     return 0
@@ -122,6 +125,16 @@ class Worker:
                     log.error("worker %d: unknown control message %r", self.worker_id, op)
         finally:
             self._stopping.set()
+
+    def _update_model(self, message: dict[str, Any]) -> None:
+        """Point a RunInference step at a new model version; its new version starts
+        loading now, and batches use it once loaded."""
+        try:
+            transform = self.steps[int(message["step"])].transform  # type: ignore[attr-defined]
+            transform.update_model(refresh.from_wire(message["update"]))
+            transform.prefetch()
+        except Exception:
+            log.exception("worker %d: model update %r failed", self.worker_id, message.get("update"))
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(HEARTBEAT_SECONDS):
