@@ -272,7 +272,6 @@ class RunInference:
         self.metrics_by_model: dict[str, InferenceMetrics] = {"": self.metrics}
         self.failed: list[tuple[Any, str]] = []
         self._sizer: batching.BatchSizer | None = None
-        self._next_poll = 0.0
 
     def update_model(self, update: Update) -> None:
         """Apply one model update: a ModelMetadata (the handler loads ``model_id``), or a
@@ -291,13 +290,11 @@ class RunInference:
         log.info("model update: %s", update)
 
     def _poll_updates(self) -> None:
-        source = self.model_updates
-        if source is None or time.monotonic() < self._next_poll:
-            return
-        self._next_poll = time.monotonic() + source.interval
-        update = source.poll()
-        if update is not None:
-            self.update_model(update)
+        # Every batch: a source lists its store only when that is due (its own interval).
+        if self.model_updates is not None:
+            update = self.model_updates.poll()
+            if update is not None:
+                self.update_model(update)
 
     def _current_metrics(self) -> InferenceMetrics:
         return self.metrics_by_model.setdefault(self.model_name, InferenceMetrics(model_name=self.model_name))

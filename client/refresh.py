@@ -26,7 +26,11 @@ Update = ModelMetadata | list[KeyModelPathMapping]
 
 @runtime_checkable
 class ModelUpdateSource(Protocol):
-    """Where model updates come from (``RunInference``'s ``model_metadata_pcoll``)."""
+    """Where model updates come from (``RunInference``'s ``model_metadata_pcoll``).
+
+    ``poll()`` may be called often (RunInference calls it before every batch): a source
+    that lists a store does so only when its own schedule says so. ``interval`` is how
+    often a poller with nothing else to do (the harness's thread) should call it."""
 
     interval: float
 

@@ -337,9 +337,9 @@ class ModelManager:
             retired = None
             if old is not None:
                 slot.stats = old.stats
+                slot.stats.swaps += old.spec != spec
                 if old.batcher is not None:
                     retired = self._detach(old, evicted=False)
-                    slot.stats.swaps += old.spec != spec
             slot.stats.loads += 1
             slot.stats.load_seconds += seconds
             slot.stats.last_load_seconds = seconds
