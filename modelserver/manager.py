@@ -126,6 +126,7 @@ class ModelManager:
         self._closed = threading.Event()
         self.pressure_evictions = 0
         self.waiting_loads = 0  # loads now waiting for models in use to go idle
+        self.retiring = 0  # swapped-out versions still finishing their batches
         self._watcher = threading.Thread(
             target=self._watch_pressure, args=(pressure_interval,), name="memory-watch", daemon=True
         )
@@ -346,9 +347,9 @@ class ModelManager:
             self._slots[key] = slot
             self._policy(device).loaded(key, footprint, seconds)
         if retired is not None:
-            threading.Thread(
-                target=self._release, args=([retired],), name=f"retire-{key}", daemon=True
-            ).start()
+            with self._lock:
+                self.retiring += 1
+            threading.Thread(target=self._retire, args=(retired,), name=f"retire-{key}", daemon=True).start()
         log.info(
             "loaded %s (%s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
             key, spec.model_id, device, seconds, model.nbytes, measured, footprint,
@@ -491,6 +492,14 @@ class ModelManager:
             slot.stats.evictions += 1
         self._policy(slot.device).evicted(slot.key)
         return batcher
+
+    def _retire(self, batcher: Batcher) -> None:
+        """A swapped-out version: finish its queued batches, then free it."""
+        try:
+            self._release([batcher])
+        finally:
+            with self._lock:
+                self.retiring -= 1
 
     def _release(self, batchers: list[Batcher]) -> None:
         """Outside the lock: let detached models finish their queued batches, then free them."""

@@ -322,6 +322,7 @@ class ModelServer:
             "load_wait_seconds": self.manager.load_wait,
             "pressure_evictions": self.manager.pressure_evictions,
             "waiting_loads": self.manager.waiting_loads,
+            "retiring_versions": self.manager.retiring,
             "devices": self.manager.devices(),
             "max_frame_bytes": self.max_frame_bytes,
             "connections": n_conn,

@@ -343,6 +343,8 @@ def test_server_memory_stays_flat_over_many_swaps(private_dir, sock_path):
             for i in range(40):
                 c.load("k", blob_spec(paths[i % 2], 16), replace=True)
                 c.infer("k", x)
+                while c.status()["retiring_versions"]:  # the old version is freed off-thread
+                    threading.Event().wait(0.005)
                 rss.append(server.memory_info().rss)
             status = c.status()
         assert status["models"][0]["swaps"] == 39
