@@ -74,15 +74,18 @@ class ModelCache:
 
     def get(self, handler: ModelHandler[Any, Any, Any], metrics: InferenceMetrics | None = None) -> Any:
         """The handler's model, loading it on first use (the load is timed into ``metrics``)."""
-        name, want = handler.cache_slot(), handler.cache_key()
+        name = handler.cache_slot()
         with self._lock:
             slot = self._slots.get(name)
             if slot is not None:
+                # Read the version under the lock: a key read before an update whose load
+                # has since finished would otherwise start a load "back" to it.
+                want = handler.cache_key()
                 if slot.version != want and want not in slot.rejected and slot.loading is None:
                     slot.loading = want
                     threading.Thread(
                         target=self._load_version,
-                        args=(handler, name, want),
+                        args=(handler, name),
                         name="model-update",
                         daemon=True,
                     ).start()
@@ -96,6 +99,7 @@ class ModelCache:
             with self._lock:
                 if name in self._slots:
                     return self._slots[name].model
+            want = handler.cache_key()
             model, ms = _timed_load(handler)
             if metrics is not None:
                 metrics.load_model_latency_milli_secs.append(ms)
@@ -105,7 +109,10 @@ class ModelCache:
                 self._loading.pop(name, None)
             return model
 
-    def _load_version(self, handler: ModelHandler[Any, Any, Any], name: str, want: str) -> None:
+    def _load_version(self, handler: ModelHandler[Any, Any, Any], name: str) -> None:
+        # The version is read just before the load reads the handler's spec: if the
+        # handler changes again meanwhile, the next get() sees the difference and loads.
+        want = handler.cache_key()
         try:
             model, ms = _timed_load(handler)
         except Exception as exc:
@@ -129,10 +136,10 @@ class ModelCache:
     def wait_for(self, handler: ModelHandler[Any, Any, Any], timeout: float = 60.0) -> bool:
         """Wait until the handler's current version is loaded (or rejected); True when
         it serves. For tests and tools; a running job never waits."""
-        self.get(handler)  # starts the load if nothing has yet
         deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
+        while True:
+            self.get(handler)  # starts the load if none runs
+            with self._changed:
                 slot = self._slots.get(handler.cache_slot())
                 want = handler.cache_key()
                 if slot is not None and slot.loading is None:
@@ -143,7 +150,7 @@ class ModelCache:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._changed.wait(remaining)
+                self._changed.wait(min(remaining, 0.1))
 
     def drop(self, handler: ModelHandler[Any, Any, Any]) -> None:
         with self._lock:
