@@ -366,6 +366,17 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         self._key = f"{self._name()}-{self.model_spec().digest()}"
         self._resolved_device: str | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Runners that ship handlers by pickling them (Beam) get the configuration; which
+        # loaded module came from which file stays in this process.
+        state = dict(self.__dict__)
+        state.pop("_loaded_ids", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaded_ids = weakref.WeakKeyDictionary()
+
     def _name(self) -> str:
         if self._class_ref:
             return self._class_ref["name"].rsplit(":", 1)[-1]

@@ -221,6 +221,22 @@ def test_keyed_handlers_update_some_keys_with_key_model_path_mappings(private_di
         ri.update_model("de2.pt")  # type: ignore[arg-type]
 
 
+def test_handlers_pickle_with_their_current_version(private_dir):
+    """Runners such as Beam ship handlers by pickling them (not on beamlet's wire)."""
+    import pickle
+
+    v1, v2 = (os.path.join(private_dir, n) for n in ("v1.pt", "v2.pt"))
+    make_checkpoint(v1, seed=1)
+    ref = make_checkpoint(v2, seed=2)
+    handler = PytorchModelHandlerTensor(v1, MLP, {})
+    handler.load_model()
+    handler.update_model_path(v2)
+    copy = pickle.loads(pickle.dumps(handler))
+    assert copy.model_spec() == handler.model_spec() and copy.cache_key() == handler.cache_key()
+    x = examples(3)
+    check_results(list(x | RunInference(copy)), x, {v2: ref})
+
+
 # -- the model server's swap ----------------------------------------------------------------
 def gate_spec(gate: str, scale: float, private_dir: str, name: str) -> ModelSpec:
     path = os.path.join(private_dir, f"{name}.pt")
