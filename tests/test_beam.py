@@ -313,3 +313,47 @@ def test_per_key_model_paths_reach_the_mapped_handler() -> None:
     assert a.model_spec().path == "/m/a2.pt" and b.model_spec().path == "/m/b.pt"
     with pytest.raises(ValueError, match="exactly the keys of one model"):
         handler.update_model_paths(None, [beam_base.KeyModelPathMapping(["x"], "/m/a3.pt", "a3")])
+
+
+def prism_binary() -> str | None:
+    """A Prism runner binary, if this machine has one: $BEAMLET_PRISM_BINARY, or the one
+    apache-beam caches after downloading it."""
+    path = os.environ.get("BEAMLET_PRISM_BINARY")
+    if path:
+        return path
+    cache = os.path.expanduser("~/.apache_beam/cache/prism/bin")
+    names = sorted(os.listdir(cache)) if os.path.isdir(cache) else []
+    return next((os.path.join(cache, n) for n in names if "prism" in n and not n.endswith(".zip")), None)
+
+
+@pytest.mark.skipif(
+    prism_binary() is None,
+    reason="Prism is a Go binary that apache-beam downloads from GitHub releases on first use; "
+    "the wheel does not carry it, none is cached here and GitHub is unreachable (set BEAMLET_PRISM_BINARY)",
+)
+def test_on_prism(beam_dir: str) -> None:
+    from client.serverclient import shared_client
+
+    ckpt = os.path.join(beam_dir, "mlp.pt")
+    model = exact_checkpoint(MLP(**MLP_PARAMS), ckpt, seed=7)
+    sock = os.path.join(beam_dir, "ms.sock")
+    handler = BeamletModelHandler(
+        PytorchModelHandlerTensor(ckpt, MLP, MLP_PARAMS, large_model=True, socket_path=sock),
+        server_idle_timeout=1.0,
+    ).with_preprocess_fn(to_tensor)
+    rows = int_rows(32, 8, seed=8)
+    out = os.path.join(beam_dir, "prism")
+    options = PipelineOptions(flags=[], runner="PrismRunner", prism_location=prism_binary())
+    p = beam.Pipeline(options=options)
+    p | beam.Create(rows) | beam_base.RunInference(handler) | beam.Map(to_record) | beam.io.WriteToText(out)
+    result = p.run()
+    result.wait_until_finish()
+    got = read_lines(out)
+    assert len(got) == len(rows)
+    for r in got:
+        with torch.inference_mode():
+            assert r["inference"] == model(torch.tensor([r["example"]]))[0].tolist()
+    # Prism's default (LOOPBACK) runs the SDK worker in this process, which keeps its
+    # connection for as long as it lives: let go of it, as an exiting worker would.
+    shared_client(sock).close()
+    assert_server_gone(distribution(result, SERVER_PID_METRIC).min, beam_dir)
