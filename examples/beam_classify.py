@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bl-beam-") as workdir:
         os.chmod(workdir, 0o700)
-        _, _, x_test, y_test = (data := demo.make_dataset())
-        model = demo.train(data[0], data[1])
+        x_train, y_train, x_test, y_test = demo.make_dataset()
+        model = demo.train(x_train, y_train)
         import torch
 
         ckpt, rows = os.path.join(workdir, "classifier.pt"), os.path.join(workdir, "test.npy")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         np.save(rows, x_test.numpy())
         output = args.output or os.path.join(workdir, "predictions")
         run(ckpt, rows, output, beam_args, os.path.join(workdir, "ms.sock"), server_idle_timeout=1.0)
-        labels = {}
+        labels: dict[int, int] = {}
         directory, base = os.path.split(output)
         for name in os.listdir(directory):
             if name.startswith(base):
