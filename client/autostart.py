@@ -32,6 +32,9 @@ START_TIMEOUT = 60.0
 EXIT_ALREADY_RUNNING = 3  # modelserver.server.EXIT_ALREADY_RUNNING, without importing torch
 
 
+_FROM_ENV: Any = object()
+
+
 def server_alive(path: str) -> bool:
     try:
         Channel(path, connect_timeout=2.0).close()
@@ -40,11 +43,17 @@ def server_alive(path: str) -> bool:
         return False
 
 
-def ensure_server(path: str, extra_args: list[str] | None = None, timeout: float = START_TIMEOUT) -> None:
-    """Return once a server answers at ``path``, starting one if needed."""
+def ensure_server(
+    path: str,
+    extra_args: list[str] | None = None,
+    timeout: float = START_TIMEOUT,
+    idle_timeout: Any = _FROM_ENV,
+) -> None:
+    """Return once a server answers at ``path``, starting one if needed (with
+    ``idle_timeout``, as ``spawn_server`` takes it, when given)."""
     if server_alive(path):
         return
-    proc = spawn_server(path, extra_args)
+    proc = spawn_server(path, extra_args, idle_timeout)
     try:
         wait_until_serving(path, proc, timeout)
     finally:
@@ -73,9 +82,6 @@ def wait_until_serving(path: str, proc: subprocess.Popen[bytes], timeout: float 
 
 def log_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), "modelserver.log")
-
-
-_FROM_ENV = object()
 
 
 def spawn_server(
