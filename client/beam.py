@@ -59,6 +59,7 @@ from client import autostart
 from client.handlers import ModelHandler as BeamletHandler
 from client.handlers import RemoteModel
 from client.keyed import KeyedModelHandler as BeamletKeyedHandler
+from client.keyed import KeyModelPathMapping
 from client.results import PredictionResult as BeamletResult
 from client.serverclient import shared_client
 from modelserver import config
@@ -198,20 +199,17 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
         model_paths: str | list[beam_base.KeyModelPathMapping[Any]] | None = None,
     ) -> None:
         """A path for a single model, or Beam's ``KeyModelPathMapping``s for a keyed
-        handler: each mapping's keys must name exactly the keys of one of its models."""
+        handler (applied by ``client.keyed.KeyedModelHandler.update_model_paths``: each
+        mapping's keys must all be served by one model of the handler)."""
         if model_paths is None or isinstance(model_paths, str):
             self._handler.update_model_path(model_paths)
             return
         keyed = _keyed(self._handler)
         if keyed is None:
             raise ValueError("per-key model paths need a beamlet KeyedModelHandler")
-        for mapping in model_paths:
-            indexes = {keyed.model_index(k) for k in mapping.keys}
-            if len(indexes) != 1 or set(keyed.mappings[next(iter(indexes))].keys) != set(mapping.keys):
-                raise ValueError(
-                    f"keys {list(mapping.keys)} do not name exactly the keys of one model of the handler"
-                )
-            keyed.mappings[indexes.pop()].mh.update_model_path(mapping.update_path)
+        keyed.update_model_paths(
+            None, [KeyModelPathMapping(list(m.keys), m.update_path, m.model_id) for m in model_paths]
+        )
 
 
 def _to_beam(result: Any) -> Any:

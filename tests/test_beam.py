@@ -314,8 +314,11 @@ def test_per_key_model_paths_reach_the_mapped_handler() -> None:
     )
     handler.update_model_paths(None, [beam_base.KeyModelPathMapping(["y", "x"], "/m/a2.pt", "a2")])
     assert a.model_spec().path == "/m/a2.pt" and b.model_spec().path == "/m/b.pt"
-    with pytest.raises(ValueError, match="exactly the keys of one model"):
-        handler.update_model_paths(None, [beam_base.KeyModelPathMapping(["x"], "/m/a3.pt", "a3")])
+    with pytest.raises(ValueError, match="served by different models"):
+        handler.update_model_paths(None, [beam_base.KeyModelPathMapping(["x", "z"], "/m/a3.pt", "a3")])
+    with pytest.raises(ValueError, match="no model is mapped"):
+        handler.update_model_paths(None, [beam_base.KeyModelPathMapping(["w"], "/m/a3.pt", "a3")])
+    assert a.model_spec().path == "/m/a2.pt" and b.model_spec().path == "/m/b.pt"  # all or nothing
 
 
 def prism_binary() -> str | None:
