@@ -12,10 +12,11 @@ process, reached through ``multi_process_shared``'s pickled RPC) and once with
 ``BeamletModelHandler(PytorchModelHandlerTensor(..., large_model=True))`` (the model in
 the beamlet model server, reached over its Unix socket). For each it reports
 elements/s over the whole pipeline (start-up included), the peak RSS of the whole
-process tree (this process, the SDK workers, the model's process; sampled every 20 ms),
-their ratios, the largest difference between the two runs' outputs, and what each run
-left in its temp directory. The order of the runs alternates between repeats; the
-figures are medians. Needs the ``beam`` extra.
+process tree (the launching process, the SDK workers, the model's process; sampled
+every 20 ms), their ratios, the largest difference between the two runs' outputs, and
+what each run left in its temp directory. Each run is launched from a fresh process, so
+both trees start from the same baseline. The order of the runs alternates between
+repeats; the figures are medians. Needs the ``beam`` extra.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +36,16 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from bench.common import BenchMLP, WideMLP, machine_info, make_rows, private_dir, save_state_dict
+from bench.common import (
+    ROOT,
+    BenchMLP,
+    WideMLP,
+    child_env,
+    machine_info,
+    make_rows,
+    private_dir,
+    save_state_dict,
+)
 from bench.harness_runs import TreePeak
 
 WORKERS = 2
@@ -171,6 +182,18 @@ def _wait_for_servers_to_exit(run_dir: str, timeout: float = 30.0) -> None:
             p.kill()
 
 
+def run_in_child(kind: str, workdir: str, ckpt: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One run in a fresh process, which is the pipeline's launching process: the tree's
+    peak then starts from the same baseline for both handlers (a launcher that ran a
+    pipeline before keeps some 250 MiB of it, which would count against the second)."""
+    out = os.path.join(workdir, f"{kind}-{time.monotonic_ns()}.json")
+    cmd = [sys.executable, "-m", "bench.beam_compare", "--rows", str(args.rows), "--model", args.model]
+    cmd += ["--batch", str(args.batch), "--one-run", kind, workdir, ckpt, out]
+    subprocess.run(cmd, check=True, env=child_env(), cwd=ROOT, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        return dict(json.load(f))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.beam_compare", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=10_000)
@@ -178,7 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--one-run", nargs=4, metavar=("KIND", "WORKDIR", "CKPT", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
+    if args.one_run:  # a child: one pipeline, its figures to OUT
+        kind, workdir, ckpt, out = args.one_run
+        result = one_run(kind, workdir, ckpt, os.path.join(workdir, "rows.npy"), args.rows, args)
+        with open(out, "w") as f:
+            json.dump(result, f)
+        return 0
     try:
         import apache_beam  # noqa: F401
     except ImportError:
@@ -196,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 for kind in order:
                     bar.set_postfix_str(kind)
-                    runs[kind].append(one_run(kind, workdir, ckpt, rows_path, args.rows, args))
+                    runs[kind].append(run_in_child(kind, workdir, ckpt, args))
                     bar.update()
                 order.reverse()
     ours, theirs = runs["beamlet"][-1]["outputs"], runs["beam"][-1]["outputs"]
