@@ -48,6 +48,38 @@ from bench.common import (
 )
 from bench.harness_runs import TreePeak
 
+
+class RolePeaks(TreePeak):
+    """The tree's peak, and each process's own peak RSS with its role."""
+
+    def __init__(self) -> None:
+        self.roles: dict[int, tuple[str, int]] = {}
+        super().__init__()
+
+    def _total(self) -> int:
+        total = 0
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                rss = p.memory_info().rss
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            total += rss
+            role = (
+                "launcher" if p.pid == self.root.pid
+                else "SDK worker" if "sdk_worker_main" in cmd and "-c" not in p.cmdline()[1:2]
+                else "model server" if "modelserver" in cmd
+                else "other"
+            )  # fmt: skip
+            self.roles[p.pid] = (role, max(rss, self.roles.get(p.pid, ("", 0))[1]))
+        return total
+
+    def breakdown(self) -> list[tuple[str, float]]:
+        """(role, peak MiB) of every process over 50 MiB, largest first."""
+        rows = [(role, rss / (1 << 20)) for role, rss in self.roles.values() if rss > 50 << 20]
+        return sorted(rows, key=lambda r: -r[1])
+
+
 WORKERS = 2
 MODELS: dict[str, tuple[type[torch.nn.Module], dict[str, Any], int]] = {
     "bench": (BenchMLP, {}, 512),  # about 21 MB of weights
@@ -143,7 +175,7 @@ def one_run(
         )
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = tmp, tmp  # what the run leaves behind lands here
-    peak = TreePeak()
+    peak = RolePeaks()
     started = time.perf_counter()
     try:
         run_pipeline(handler, rows_path, n, os.path.join(run_dir, "out"))
@@ -164,6 +196,7 @@ def one_run(
         "elements_per_s": n / seconds,
         "seconds": seconds,
         "peak_tree_rss_mib": tree / (1 << 20),
+        "process_peaks_mib": peak.breakdown(),
         "left_in_tmp": left,
         "outputs": outputs,
     }
@@ -258,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{o['peak_tree_rss_mib'] / b['peak_tree_rss_mib']:.2f}x | |"
     )
     print(f"largest difference between the two runs' outputs: {max_diff:.3g}")
+    for kind, rs in runs.items():
+        parts = ", ".join(f"{role} {mib:,.0f}" for role, mib in rs[-1]["process_peaks_mib"])
+        print(f"each process's own peak RSS in the last {kind} run (MiB): {parts}")
     if b["left_in_tmp"]:
         print(f"Beam's run left in its temp dir: {', '.join(b['left_in_tmp'][:6])}")
     if args.json:
