@@ -346,6 +346,50 @@ def test_a_tight_budget_swap_drains_the_old_version_first_and_no_request_fails(p
     assert status["swaps"] == 2 and status["failed_swaps"] == 1 and status["model_id"] == specs[2].path
 
 
+def test_a_tight_budget_swap_through_the_server_fails_no_request(private_dir, sock_path):
+    """The same drain-first swap in a real server, with clients on their own connections:
+    requests that arrive while no version is loaded wait for the load."""
+    srv = start_server(sock_path, "--memory-budget", "60MiB")
+    try:
+        refs, specs = [], []
+        for i in range(3):
+            path = os.path.join(private_dir, f"v{i}.pt")
+            refs.append(make_blob(path, 40, seed=i))
+            specs.append(blob_spec(path, 40))
+        x = torch.randn(2, refs[0].lin.in_features)
+        with torch.inference_mode():
+            wants = {spec.path: ref(x) for spec, ref in zip(specs, refs)}
+        stop, errors, seen = threading.Event(), [], []
+        with ServerClient(sock_path, autostart=False) as c:
+            c.load("k", specs[0])
+
+            def load() -> None:
+                while not stop.is_set():
+                    try:
+                        reply = c.infer("k", x)
+                        seen.append((reply["model_id"], reply["outputs"]))
+                    except Exception as exc:
+                        errors.append(exc)
+
+            threads = [threading.Thread(target=load) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for spec in specs[1:]:
+                before = len(seen)
+                c.load("k", spec, replace=True)
+                while len(seen) < before + 5 and not errors:  # served after the swap too
+                    threading.Event().wait(0.005)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            (status,) = c.status()["models"]
+        assert not errors, errors[:3]
+        assert all(torch.allclose(y, wants[model_id], atol=1e-4) for model_id, y in seen)
+        assert seen[-1][0] == specs[2].path and status["swaps"] == 2 and status["footprint"] <= 60 * MB
+    finally:
+        srv.stop()
+
+
 def test_server_memory_stays_flat_over_many_swaps(private_dir, sock_path):
     srv = start_server(sock_path)
     try:
