@@ -5,6 +5,7 @@ returns a ``runtime.Pipeline`` (a read step, steps, a write step). The workers a
 started as ``python -m runtime.worker`` and import the same file, so what they run is
 what you wrote. A progress bar shows on a terminal; a summary prints at the end; dead
 letters, if any, are written beside the output as ``<output>.dead_letters.jsonl``.
+``--watch-model PATTERN`` swaps in new model versions while the job runs (docs/refresh.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 from runtime.harness import Harness, PipelineError
 from runtime.pipeline import WriteToJsonLines, to_jsonable
+from runtime.watch import DEFAULT_SETTLE, WatchFilePattern
 from runtime.worker import load_pipeline
 
 
@@ -37,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--memory-budget", default=None, metavar="SIZE", help="for a model server this run starts"
     )
+    run.add_argument(
+        "--watch-model",
+        default=None,
+        metavar="PATTERN",
+        help="while the job runs, swap in the newest model file matching PATTERN (every RunInference step)",
+    )
+    run.add_argument("--watch-interval", type=float, default=60.0, metavar="SECONDS")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--log-level", default="WARNING")
@@ -50,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"runtime: cannot load {args.pipeline}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    if args.watch_model:
+        steps = pipeline.inference_steps()
+        if not steps:
+            print(f"runtime: --watch-model: {args.pipeline} has no RunInference step", file=sys.stderr)
+            return 2
+        for step in steps:  # the harness polls them and sends each new file to every worker
+            step.transform.model_updates = WatchFilePattern(
+                args.watch_model, args.watch_interval, settle=min(DEFAULT_SETTLE, args.watch_interval)
+            )
     harness = Harness(
         args.workers,
         args.threads,

@@ -505,3 +505,39 @@ def test_a_running_job_picks_up_new_versions_with_no_lost_element(private_dir, s
     assert any("model-4_num_inferences" in m for m in summary.metrics.values())
     if large:
         assert not server_processes(sock_path)
+
+
+def test_the_cli_swaps_in_the_newest_model_file_it_is_told_to_watch(private_dir, sock_path):
+    """python -m runtime run --watch-model: the pipeline file names model-1.pt; a newer
+    model-2.pt matches the pattern, and the job moves to it while it runs."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, server_env
+    from tests.test_runtime import to_tensor, write_cli_job
+
+    models_dir = os.path.join(private_dir, "models")
+    os.mkdir(models_dir)
+    m1, m2 = (os.path.join(models_dir, f"model-{v}.pt") for v in (1, 2))
+    refs = {m1: make_checkpoint(m1, seed=1)}
+    os.utime(m1, ns=(10**18, 10**18))  # older
+    refs[m2] = make_checkpoint(m2, seed=2)
+    job, inp, out = write_cli_job(private_dir, m1, 3000)
+    run = subprocess.run(
+        [sys.executable, "-m", "runtime", "run", job, "--input", inp, "--output", out, "--workers", "2",
+         "--threads", "2", "--bundle-size", "16", "--json", "--watch-model", os.path.join(models_dir, "model-*.pt"),
+         "--watch-interval", "0.05"],
+        env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["outputs"] == 3000 and summary["dead_letters"] == 0 and summary["model_updates"] >= 1
+    with open(out) as f:
+        rows = [json.loads(line) for line in f]
+    with torch.inference_mode():
+        for i, r in enumerate(rows):
+            assert r["model_id"] in refs
+            assert torch.allclose(torch.tensor(r["y"]), refs[r["model_id"]](to_tensor(i)[None])[0], atol=1e-5)
+    assert rows[-1]["model_id"] == m2
+    assert not os.path.exists(sock_path)
