@@ -634,6 +634,11 @@ class _Run:
                     slot.channel.send({"op": "stop"})
                 except OSError:
                     pass
+            else:
+                # Still booting: it holds no bundle and has no channel to be asked on; a
+                # SIGTERM could land before it installs its own handlers, so SIGKILL.
+                slot.killed_for = "the run ended before it booted"
+                slot.signal(signal.SIGKILL)
         self._reap_until(time.monotonic() + 10)
         for slot in self.slots.values():
             slot.signal(signal.SIGTERM)
