@@ -32,7 +32,7 @@ START_TIMEOUT = 60.0
 EXIT_ALREADY_RUNNING = 3  # modelserver.server.EXIT_ALREADY_RUNNING, without importing torch
 
 
-_FROM_ENV: Any = object()
+FROM_ENV: Any = object()  # "take the idle timeout from BEAMLET_SERVER_IDLE_TIMEOUT"
 
 
 def server_alive(path: str) -> bool:
@@ -47,7 +47,7 @@ def ensure_server(
     path: str,
     extra_args: list[str] | None = None,
     timeout: float = START_TIMEOUT,
-    idle_timeout: Any = _FROM_ENV,
+    idle_timeout: Any = FROM_ENV,
 ) -> None:
     """Return once a server answers at ``path``, starting one if needed (with
     ``idle_timeout``, as ``spawn_server`` takes it, when given)."""
@@ -85,12 +85,12 @@ def log_path(path: str) -> str:
 
 
 def spawn_server(
-    path: str, extra_args: list[str] | None = None, idle_timeout: Any = _FROM_ENV
+    path: str, extra_args: list[str] | None = None, idle_timeout: Any = FROM_ENV
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m modelserver serve`` for ``path`` in its own session. The idle
     timeout comes from BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none."""
     config.ensure_private_dir(os.path.dirname(path))
-    if idle_timeout is _FROM_ENV:
+    if idle_timeout is FROM_ENV:
         idle_timeout = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
     args = [sys.executable, "-m", "modelserver", "serve", "--socket", path]
     if idle_timeout is not None:

@@ -135,8 +135,11 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
         pids = []
         for path in self.socket_paths():
             extra = ["--memory-budget", self._memory_budget] if self._memory_budget else []
+            client = shared_client(path)
+            # A server this worker starts, now or after the server died, gets our settings.
+            client.server_args, client.idle_timeout = extra, self._server_idle_timeout
             autostart.ensure_server(path, extra, idle_timeout=self._server_idle_timeout)
-            with shared_client(path).channel() as ch:
+            with client.channel() as ch:
                 pids.append(ch.server_pid)
         model = self._handler.load_model()
         # load_model runs in DoFn.setup, where Beam has no metrics context: hold the

@@ -43,11 +43,13 @@ class ServerClient:
         autostart: bool = True,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         server_args: list[str] | None = None,
+        idle_timeout: Any = autostart.FROM_ENV,
     ):
         self.socket_path = config.socket_path(socket_path)
         self.autostart = autostart
         self.retry_seconds = retry_seconds
-        self.server_args = list(server_args or [])
+        self.server_args = list(server_args or [])  # for a server this client starts
+        self.idle_timeout = idle_timeout  # likewise (default: BEAMLET_SERVER_IDLE_TIMEOUT)
         self._specs: dict[str, ModelSpec] = {}
         self._reset_pool()
 
@@ -82,7 +84,7 @@ class ServerClient:
 
     def _connect(self) -> Channel:
         if self.autostart:
-            autostart.ensure_server(self.socket_path, self.server_args)
+            autostart.ensure_server(self.socket_path, self.server_args, idle_timeout=self.idle_timeout)
         return Channel(self.socket_path)
 
     def close(self) -> None:

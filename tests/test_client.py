@@ -363,3 +363,24 @@ def test_autostart_reports_a_server_that_cannot_start(private_dir):
     with pytest.raises(PermissionError, match="open to other users"):
         autostart.ensure_server(os.path.join(bad, "s.sock"), timeout=30)
     assert ROOT
+
+
+def test_a_server_the_client_restarts_gets_the_clients_settings_again(sock_path):
+    """A server auto-started with a budget, killed, is started again with the same budget
+    and idle timeout (a crash must not quietly drop an operator's settings)."""
+    import psutil
+
+    from modelserver.loaders import ModelSpec
+
+    spec = ModelSpec("pytorch_state_dict", None, userclass.describe(MLP), {})
+    with ServerClient(sock_path, server_args=["--memory-budget", "50MiB"], idle_timeout=30) as c:
+        c.load("k", spec)
+        first = c.status()
+        assert first["memory_budget"] == 50 << 20
+        psutil.Process(first["pid"]).kill()
+        psutil.Process(first["pid"]).wait(10)
+        c.infer("k", torch.ones(1, 8))  # reconnects, starts a new server, registers "k" again
+        second = c.status()
+    assert second["pid"] != first["pid"] and second["memory_budget"] == 50 << 20
+    (server,) = server_processes(sock_path)
+    assert "--idle-timeout" in server.cmdline() and "30" in server.cmdline()
