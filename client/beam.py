@@ -58,8 +58,7 @@ from apache_beam.ml.inference import base as beam_base
 from client import autostart
 from client.handlers import ModelHandler as BeamletHandler
 from client.handlers import RemoteModel
-from client.keyed import KeyedModelHandler as BeamletKeyedHandler
-from client.keyed import KeyModelPathMapping
+from client.keyed import KeyModelPathMapping, keyed_handler_of
 from client.results import PredictionResult as BeamletResult
 from client.serverclient import shared_client
 from modelserver import config
@@ -207,7 +206,7 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
         if model_paths is None or isinstance(model_paths, str):
             self._handler.update_model_path(model_paths)
             return
-        keyed = _keyed(self._handler)
+        keyed = keyed_handler_of(self._handler)
         if keyed is None:
             raise ValueError("per-key model paths need a beamlet KeyedModelHandler")
         keyed.update_model_paths(
@@ -224,19 +223,8 @@ def _to_beam(result: Any) -> Any:
     return result
 
 
-def _keyed(handler: Any) -> BeamletKeyedHandler | None:
-    """The keyed handler under any pre/post-processing wrappers, if there is one."""
-    while True:
-        if isinstance(handler, BeamletKeyedHandler):
-            return handler
-        base = handler.__dict__.get("_base")
-        if base is None:
-            return None
-        handler = base
-
-
 def _socket_paths(handler: BeamletHandler[Any, Any, Any]) -> set[str | None]:
-    keyed = _keyed(handler)
+    keyed = keyed_handler_of(handler)
     if keyed is not None:
         return keyed.socket_paths()
     if handler.share_model_across_processes():

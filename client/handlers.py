@@ -15,7 +15,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from client.results import PredictionResult
 from modelserver import loaders, userclass
@@ -338,10 +338,12 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
                 "a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path"
             )
         # The model server runs elsewhere (its working directory is /): paths must be absolute.
-        self._state_dict_path = _absolute(state_dict_path)
-        self._torch_script_model_path = _absolute(torch_script_model_path)
-        self._revision = loaders.file_revision(self._state_dict_path or self._torch_script_model_path)
-        self._updated = False  # an update swaps the server's version; a first load attaches
+        self._torchscript = bool(torch_script_model_path)
+        path = _absolute(torch_script_model_path or state_dict_path)
+        # One immutable value, replaced whole by an update: a reader never sees a new path
+        # with an old revision. ``updates`` > 0: loads swap the server's version (a first
+        # load attaches to it), and every update is a new version for this process.
+        self._version = _Version(path, loaders.file_revision(path), 0)
         self._loaded_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._model_class = model_class
         self._model_params = dict(model_params or {})
@@ -383,24 +385,21 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return "torchscript"
 
     def model_spec(self) -> ModelSpec:
-        if self._torch_script_model_path:
+        return self._spec(self._version)
+
+    def _spec(self, version: _Version) -> ModelSpec:
+        if self._torchscript:
             return ModelSpec(
-                "torchscript",
-                self._torch_script_model_path,
-                None,
-                {},
-                self._device,
-                self._load_model_args,
-                self._revision,
+                "torchscript", version.path, None, {}, self._device, self._load_model_args, version.revision
             )
         return ModelSpec(
             "pytorch_state_dict",
-            self._state_dict_path,
+            version.path,
             self._class_ref,
             self._model_params,
             self._device,
             self._load_model_args,
-            self._revision,
+            version.revision,
         )
 
     def model_key(self) -> str:
@@ -410,17 +409,20 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return f"{self._key}:{int(self._large_model)}"
 
     def cache_key(self) -> str:
-        return f"{self.cache_slot()}:{self.model_spec().digest()}"
+        version = self._version
+        return f"{self.cache_slot()}:{self._spec(version).digest()}:{version.updates}"
 
     def share_model_across_processes(self) -> bool:
         return self._large_model
 
     def load_model(self) -> Any:
-        spec = self.model_spec()
+        version = self._version
+        spec = self._spec(version)
         if self._large_model:
             from client.serverclient import shared_client
 
-            return RemoteModel(shared_client(self._socket_path), self._key, spec, replace=self._updated)
+            server = shared_client(self._socket_path)
+            return RemoteModel(server, self._key, spec, replace=version.updates > 0)
         loaded = loaders.load(spec, self._model_class)
         self._resolved_device = loaded.device
         self._loaded_ids[loaded.module] = loaded.model_id
@@ -439,20 +441,24 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return dict(self._batching)
 
     def update_model_path(self, model_path: str | None = None) -> None:
-        """Use the model file at ``model_path`` (None: the current file, re-read). The
-        version is the file's identity now (``loaders.file_revision``), so the same path
-        rewritten in place is a new version, and every process that updates to the same
-        file agrees on it: the model server swaps once."""
-        if model_path is not None:
-            if self._torch_script_model_path:
-                self._torch_script_model_path = _absolute(model_path)
-            else:
-                self._state_dict_path = _absolute(model_path)
-        self._revision = loaders.file_revision(self._state_dict_path or self._torch_script_model_path)
-        self._updated = True
+        """Use the model file at ``model_path`` (None: the current file, re-read). Every
+        update is a new version for this process, so it loads what the file holds now,
+        also a version that failed before. The server's version is the file's identity
+        (``loaders.file_revision``): the same path rewritten in place is a new one, and
+        every process that updates to the same file sends the same spec, so the model
+        server swaps once."""
+        current = self._version
+        path = _absolute(model_path) if model_path is not None else current.path
+        self._version = _Version(path, loaders.file_revision(path), current.updates + 1)
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_PyTorch"
+
+
+class _Version(NamedTuple):
+    path: str | None
+    revision: str
+    updates: int
 
 
 def _absolute(path: str | None) -> str | None:

@@ -14,12 +14,15 @@ polls the source once and sends each update to every SDK worker.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from client.keyed import KeyModelPathMapping
+from client.keyed import KeyModelPathMapping, keyed_handler_of
 from client.results import ModelMetadata
+from modelserver import loaders
 
 Update = ModelMetadata | list[KeyModelPathMapping]
 
@@ -93,3 +96,30 @@ def from_wire(data: dict[str, Any]) -> Update:
             for m in data["keyed"]
         ]
     return ModelMetadata(data["model_id"], data.get("model_name", ""))
+
+
+def candidate_specs(handler: Any, update: Update) -> list[loaders.ModelSpec]:
+    """The specs ``update`` would make ``handler`` load, without changing the handler
+    (for checking a new version with ``loaders.check`` before anyone switches to it).
+    Empty for handlers that do not describe their model as a spec."""
+    keyed = keyed_handler_of(handler)
+    if keyed is None:
+        spec = handler.model_spec()
+        if spec is None or not isinstance(update, ModelMetadata):
+            return []
+        return [_moved(spec, update.model_id)]
+    if isinstance(update, ModelMetadata):
+        moves = [(0, update.model_id)] if len(keyed.mappings) == 1 else []
+    else:
+        moves = [(keyed.model_index(m.keys[0]), m.update_path) for m in update]
+    specs = []
+    for index, path in moves:
+        spec = keyed.mappings[index].mh.model_spec()
+        if spec is not None:
+            specs.append(_moved(spec, path))
+    return specs
+
+
+def _moved(spec: loaders.ModelSpec, path: str) -> loaders.ModelSpec:
+    path = os.path.abspath(path)
+    return dataclasses.replace(spec, path=path, revision=loaders.file_revision(path))

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,16 +164,21 @@ def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
 
 
 def check(spec: ModelSpec) -> None:
-    """Check a state_dict checkpoint against its class without loading its weights: read
-    it memory-mapped and assign it to the class built on the meta device. Raises
-    ModelLoadError for a corrupt file or tensors that do not fit (a swap that must drop
-    the old version first checks the new one this way before dropping anything)."""
+    """Check a model file without loading its weights, for ModelLoadError before anything
+    is dropped (a swap that must drop the old version first; the harness before it sends
+    an update to its workers). Both loaders write zip archives: every member's CRC must
+    match (this reads the file once, holding one member at a time). A state_dict
+    checkpoint must also fit its class: read memory-mapped and assigned to the class
+    built on the meta device."""
     import torch
 
     spec.validate()
-    if spec.loader != "pytorch_state_dict" or not spec.path:
+    if not spec.path:
         return
     path = _existing(spec.path)
+    _check_archive(path)
+    if spec.loader != "pytorch_state_dict":
+        return
     args = {
         k: v for k, v in spec.load_model_args.items() if k not in ("weights_only", "map_location", "mmap")
     }
@@ -191,6 +197,18 @@ def check(spec: ModelSpec) -> None:
         raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
     finally:
         del state, module
+
+
+def _check_archive(path: str) -> None:
+    if not zipfile.is_zipfile(path):
+        return  # an old-format checkpoint: only a real load can tell
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelLoadError(f"model file {path} is corrupt: {exc}") from None
+    if bad is not None:
+        raise ModelLoadError(f"model file {path} is corrupt: member {bad} fails its CRC check")
 
 
 def _build_with_state(spec: ModelSpec, factory: Any, state: Any, path: str) -> Any:

@@ -127,6 +127,7 @@ class ModelManager:
         self.pressure_evictions = 0
         self.waiting_loads = 0  # loads now waiting for models in use to go idle
         self.retiring = 0  # swapped-out versions still finishing their batches
+        self._retiring_bytes: dict[str, int] = {}  # their footprints, still charged by device
         self._watcher = threading.Thread(
             target=self._watch_pressure, args=(pressure_interval,), name="memory-watch", daemon=True
         )
@@ -157,7 +158,8 @@ class ModelManager:
             return self._used(device)
 
     def _used(self, device: str) -> int:
-        return sum(s.footprint for s in self._slots.values() if s.loaded and s.device == device)
+        loaded = sum(s.footprint for s in self._slots.values() if s.loaded and s.device == device)
+        return loaded + self._retiring_bytes.get(device, 0)
 
     # -- the public verbs ---------------------------------------------------------------
     def register(self, key: str, spec: loaders.ModelSpec, *, replace: bool = True) -> ModelSlot:
@@ -341,15 +343,18 @@ class ModelManager:
                 slot.stats.swaps += old.spec != spec
                 if old.batcher is not None:
                     retired = self._detach(old, evicted=False)
+                    retired_charge = (old.device, old.footprint)
+                    self.retiring += 1
+                    self._retiring_bytes[old.device] = self._retiring_bytes.get(old.device, 0) + old.footprint
             slot.stats.loads += 1
             slot.stats.load_seconds += seconds
             slot.stats.last_load_seconds = seconds
             self._slots[key] = slot
             self._policy(device).loaded(key, footprint, seconds)
         if retired is not None:
-            with self._lock:
-                self.retiring += 1
-            threading.Thread(target=self._retire, args=(retired,), name=f"retire-{key}", daemon=True).start()
+            threading.Thread(
+                target=self._retire, args=(retired, *retired_charge), name=f"retire-{key}", daemon=True
+            ).start()
         log.info(
             "loaded %s (%s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
             key, spec.model_id, device, seconds, model.nbytes, measured, footprint,
@@ -386,11 +391,13 @@ class ModelManager:
             self._release([retired])
             try:
                 return self._load(key, spec, old)
-            except Exception:
-                log.error("loading the new version of %s failed; loading the old one back", key)
-                self._load(key, old_spec, old)
+            except Exception as exc:
+                old.stats.failed_swaps += 1
+                self._restore(key, old_spec, old, spec, exc)
                 raise
         except Exception as exc:
+            if not beside and not old.loaded:
+                raise  # drained: _restore has said what serves now
             old.stats.failed_swaps += 1
             log.error(
                 "new version of %s (%s) rejected, %s keeps serving: %s",
@@ -400,6 +407,33 @@ class ModelManager:
                 exc,
             )
             raise
+
+    def _restore(
+        self, key: str, old_spec: loaders.ModelSpec, old: ModelSlot, spec: loaders.ModelSpec, exc: Exception
+    ) -> None:
+        """After a drained swap whose new version failed to load: load the old one back,
+        if its file still holds it (not when the new version was written over it)."""
+        replaced = old_spec.revision and loaders.file_revision(old_spec.path) != old_spec.revision
+        if old_spec.path == spec.path or replaced:
+            log.error(
+                "new version of %s (%s) failed to load after the old one was drained, and the old "
+                "one's file now holds something else: %s serves nothing until a loadable version "
+                "is registered: %s",
+                key, spec.model_id, key, exc,
+            )  # fmt: skip
+            with self._lock:
+                old.spec = spec  # what the file holds; a later request retries it
+            return
+        try:
+            self._load(key, old_spec, old)
+        except Exception as again:
+            log.error(
+                "new version of %s rejected, and the old one failed to load back: %s; %s", key, exc, again
+            )
+            return
+        log.error(
+            "new version of %s (%s) rejected, %s serves again: %s", key, spec.model_id, old_spec.model_id, exc
+        )
 
     def _measured_load(
         self, key: str, spec: loaders.ModelSpec, device: str
@@ -493,13 +527,16 @@ class ModelManager:
         self._policy(slot.device).evicted(slot.key)
         return batcher
 
-    def _retire(self, batcher: Batcher) -> None:
-        """A swapped-out version: finish its queued batches, then free it."""
+    def _retire(self, batcher: Batcher, device: str, footprint: int) -> None:
+        """A swapped-out version: finish its queued batches, then free it. Its footprint
+        stays charged to its device until then, so other loads cannot overrun the budget."""
         try:
             self._release([batcher])
         finally:
             with self._lock:
                 self.retiring -= 1
+                self._retiring_bytes[device] -= footprint
+                self._idle.notify_all()  # loads waiting for room look again
 
     def _release(self, batchers: list[Batcher]) -> None:
         """Outside the lock: let detached models finish their queued batches, then free them."""

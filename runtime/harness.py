@@ -44,7 +44,7 @@ from typing import Any
 
 from client import batching, refresh
 from client.inference import InferenceMetrics
-from modelserver import config
+from modelserver import config, loaders
 from modelserver.errors import BeamletError
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel
 from runtime.pipeline import Collect, Pipeline, Sink
@@ -477,6 +477,13 @@ class _Run:
         if kind == "model_update":
             self._apply_update(*message)  # (step index, update)
             return
+        if kind == "model_update_rejected":
+            index, update, exc = message
+            log.error(
+                "model update %s for step %d rejected; the workers keep their version: %s", update, index, exc
+            )
+            self.summary.rejected_model_updates += 1
+            return
         op = message.get("op")
         if op == "hello":
             slot = self.slots.get(int(message.get("worker", -1)))
@@ -551,14 +558,22 @@ class _Run:
                 ).start()
 
     def _poll_updates(self, index: int, source: refresh.ModelUpdateSource) -> None:
+        handler = self.pipeline.steps[index].transform.handler  # type: ignore[attr-defined]
         while not self._watching.wait(source.interval):
             try:
                 update = source.poll()
             except Exception:
                 log.exception("polling model updates for step %d failed; trying again", index)
                 continue
-            if update is not None:
-                self.events.put(("model_update", None, (index, update)))
+            if update is None:
+                continue
+            try:  # a corrupt or misfitting file never reaches the workers (nor a worker
+                for spec in refresh.candidate_specs(handler, update):  # started later)
+                    loaders.check(spec)
+            except (BeamletError, ValueError, KeyError) as exc:
+                self.events.put(("model_update_rejected", None, (index, update, exc)))
+                continue
+            self.events.put(("model_update", None, (index, update)))
 
     def _apply_update(self, index: int, update: refresh.Update) -> None:
         """Apply an update here (workers forked from now on inherit it) and send it to

@@ -22,6 +22,7 @@ class RunSummary:
     worker_restarts: int = 0
     server_restarts: int = 0
     model_updates: int = 0
+    rejected_model_updates: int = 0
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: str | None = None
@@ -51,6 +52,7 @@ class RunSummary:
             "worker_restarts": self.worker_restarts,
             "server_restarts": self.server_restarts,
             "model_updates": self.model_updates,
+            "rejected_model_updates": self.rejected_model_updates,
             "seconds": round(self.seconds, 3),
             "elements_per_second": round(self.throughput, 1),
             "interrupted": self.interrupted,
@@ -66,8 +68,11 @@ class RunSummary:
             f"recovery   {self.bundle_retries} bundle retries, {self.worker_restarts} worker restarts, "
             f"{self.server_restarts} model-server restarts",
         ]
-        if self.model_updates:
-            lines.append(f"models     {self.model_updates} model updates sent to the workers")
+        if self.model_updates or self.rejected_model_updates:
+            lines.append(
+                f"models     {self.model_updates} model updates sent to the workers, "
+                f"{self.rejected_model_updates} rejected (see the log)"
+            )
         if self.interrupted:
             lines.append(f"STOPPED    by {self.interrupted}; uncommitted bundles were abandoned")
         for label, named in self.metrics.items():

@@ -207,6 +207,8 @@ def test_keyed_handlers_update_some_keys_with_key_model_path_mappings(private_di
     xs = examples(len(keys))
     before = list(zip(keys, xs) | ri)
     ri.update_model([KeyModelPathMapping(["de", "at"], paths["de2"])])
+    list(zip(keys[:3], xs[:3]) | ri)  # the next batch starts loading de2 aside; it does not wait
+    assert models.get(keyed).wait_for_updates(30)
     after = list(zip(keys, xs) | ri)
     for results, de in ((before, paths["de"]), (after, paths["de2"])):
         for key, (k, r) in zip(keys, results):
@@ -438,10 +440,10 @@ class Versions(Source):
     def seen_by_all(self, path: str) -> bool:
         return len({pid for _, model_id, pid, _ in self.sink.values if model_id == path}) == self.workers
 
-    def sent(self, path: str) -> bool:
-        """The harness has sent the update for ``path`` to the workers."""
+    def rejected(self, path: str) -> bool:
+        """The harness has checked the file at ``path`` and rejected it."""
         run = self.harness.current if self.harness else None
-        return run is not None and any(u.get("model_id") == path for u in run.model_updates.values())
+        return run is not None and run.summary.rejected_model_updates > 0
 
     def read(self):
         self.write(*self.plan[0])
@@ -451,7 +453,7 @@ class Versions(Source):
                 yield i
                 i += 1
             path = self.write(name, seed)
-            done = self.seen_by_all if seed is not None else self.sent  # a corrupt one is never seen
+            done = self.seen_by_all if seed is not None else self.rejected  # a corrupt one never serves
             deadline = time.monotonic() + 30  # a bound for a broken build, not a wait
             while not done(path) and time.monotonic() < deadline:
                 yield i
@@ -500,7 +502,7 @@ def test_a_running_job_picks_up_new_versions_with_no_lost_element(private_dir, s
         # one switch point per version per worker: the versions only ever move forward
         assert versions == sorted(versions), f"worker {pid} went back to an older version"
         assert versions[-1] == len(order) - 1, f"worker {pid} never reached the last version"
-    assert summary.model_updates >= 3  # 2, 3 (rejected), 4 (and model-1, if seen before model-2)
+    assert summary.model_updates >= 2 and summary.rejected_model_updates == 1  # 2, 4 sent; 3 rejected
     assert any(label.endswith("[model-4]") for label in summary.metrics)
     assert any("model-4_num_inferences" in m for m in summary.metrics.values())
     if large:
