@@ -176,7 +176,7 @@ def check(spec: ModelSpec) -> None:
     if not spec.path:
         return
     path = _existing(spec.path)
-    _check_archive(path)
+    _check_archive(path, spec.loader)
     if spec.loader != "pytorch_state_dict":
         return
     args = {
@@ -199,9 +199,11 @@ def check(spec: ModelSpec) -> None:
         del state, module
 
 
-def _check_archive(path: str) -> None:
+def _check_archive(path: str, loader: str) -> None:
     if not zipfile.is_zipfile(path):
-        return  # an old-format checkpoint: only a real load can tell
+        if loader == "torchscript":  # always an archive
+            raise ModelLoadError(f"TorchScript file {path} is corrupt: not a complete zip archive")
+        return  # maybe an old-format (pre-zip) checkpoint: only a real load can tell
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

@@ -35,7 +35,7 @@ from runtime import Collect, Harness, Map, WatchFilePattern
 from runtime.pipeline import Source
 from runtime.watch import FileInfo
 from tests.conftest import server_processes, start_server
-from tests.models import MLP, Gate, make_blob, make_checkpoint
+from tests.models import MLP, Blob, Gate, make_blob, make_checkpoint
 from tests.test_manager import MB, blob_spec, infer
 from tests.test_manager import manager_factory as manager_factory  # the fixture
 
@@ -193,6 +193,21 @@ def test_an_update_to_the_same_path_loads_what_the_file_now_holds(private_dir, s
         assert status["swaps"] == 1 and status["loaded"]
 
 
+def test_every_update_is_a_new_try_so_a_fixed_file_loads(private_dir):
+    path = os.path.join(private_dir, "model.pt")
+    make_checkpoint(path, seed=1)
+    handler = PytorchModelHandlerTensor(path, MLP, {})
+    xs = examples(5)
+    list(xs | RunInference(handler))
+    write_corrupt(path)
+    handler.update_model_path(path)
+    assert not models.wait_for(handler)  # rejected: the old version keeps serving
+    good = write_atomically(path, seed=2)
+    handler.update_model_path(path)  # the file is fixed: the same path, updated again
+    assert models.wait_for(handler)
+    check_results(list(xs | RunInference(handler)), xs, {path: good})
+
+
 def test_keyed_handlers_update_some_keys_with_key_model_path_mappings(private_dir):
     paths = {n: os.path.join(private_dir, f"{n}.pt") for n in ("en", "de", "de2")}
     refs = {p: make_checkpoint(p, seed=i) for i, p in enumerate(paths.values())}
@@ -263,11 +278,16 @@ def test_a_swap_loads_beside_the_old_version_whose_in_flight_batch_finishes_on_i
     in_flight.start()
     while not m.status()[0]["in_flight"]:  # the request is in the old version's hands
         threading.Event().wait(0.005)
+    one = m.used("cpu")
     m.register("k", v2)  # loads beside, swaps atomically; does not wait for the old batch
     assert torch.equal(infer(m, "k", torch.ones(2, 1)), torch.full((2, 1), 2.0))
     assert in_flight.is_alive()
+    assert m.used("cpu") > one and m.retiring == 1  # the old version is still charged
     open(gate, "w").close()
     in_flight.join(30)
+    while m.retiring:  # freed on its retiring thread
+        threading.Event().wait(0.005)
+    assert m.used("cpu") == m.status()[0]["footprint"]
     assert torch.equal(box["old"], torch.ones(2, 1))  # finished on the old version
     (status,) = m.status()
     assert status["model_id"] == v2.path and status["swaps"] == 1 and status["loads"] == 2
@@ -390,6 +410,23 @@ def test_a_tight_budget_swap_through_the_server_fails_no_request(private_dir, so
         assert seen[-1][0] == specs[2].path and status["swaps"] == 2 and status["footprint"] <= 60 * MB
     finally:
         srv.stop()
+
+
+def test_a_corrupt_torchscript_version_written_in_place_is_caught_before_draining(
+    private_dir, manager_factory
+):
+    m = manager_factory(6, load_wait=1)  # holds one 4 MiB version, not two
+    path = os.path.join(private_dir, "m.ts")
+    torch.jit.script(Blob(1024)).save(path)
+    spec = ModelSpec("torchscript", path, revision=file_revision(path))
+    m.register("k", spec)
+    with open(path, "r+b") as f:  # rewritten in place, and cut short
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        m.register("k", ModelSpec("torchscript", path, revision=file_revision(path)))
+    (status,) = m.status()
+    assert status["loaded"] and status["revision"] == spec.revision and status["failed_swaps"] == 1
+    assert infer(m, "k", torch.ones(1, 1024)).shape == (1, 1024)
 
 
 def test_server_memory_stays_flat_over_many_swaps(private_dir, sock_path):
@@ -543,3 +580,58 @@ def test_the_cli_swaps_in_the_newest_model_file_it_is_told_to_watch(private_dir,
             assert torch.allclose(torch.tensor(r["y"]), refs[r["model_id"]](to_tensor(i)[None])[0], atol=1e-5)
     assert rows[-1]["model_id"] == m2
     assert not os.path.exists(sock_path)
+
+
+class KillAfterRejection(Source):
+    """Steady input; sends a corrupt update, and once the harness has rejected it, kills
+    a worker, then goes on until the replacement's results show up."""
+
+    def __init__(self, sink: Collect, updates: ModelUpdates, corrupt: str):
+        self.sink, self.updates, self.corrupt = sink, updates, corrupt
+        self.harness: Harness | None = None
+        self.killed: int | None = None
+
+    def read(self):
+        i = 0
+        for _ in range(200):
+            yield i
+            i += 1
+        self.updates.put(ModelMetadata(self.corrupt, "corrupt"))
+        deadline = time.monotonic() + 30  # a bound for a broken build, not a wait
+        assert self.harness is not None
+        while time.monotonic() < deadline:
+            run = self.harness.current
+            if self.killed is None and run is not None and run.summary.rejected_model_updates:
+                self.killed = self.harness.worker_pids()[0]
+                os.kill(self.killed, 9)
+            if len({pid for *_, pid in self.sink.values}) >= 3:  # two first workers + the replacement
+                break
+            yield i
+            i += 1
+        for _ in range(100):
+            yield i
+            i += 1
+
+
+def test_a_worker_started_after_a_rejected_update_boots_on_the_serving_version(private_dir):
+    v1, bad = os.path.join(private_dir, "v1.pt"), os.path.join(private_dir, "bad.pt")
+    ref = make_checkpoint(v1, seed=1)
+    write_corrupt(bad)
+    sink, updates = Collect(), ModelUpdates()
+    source = KillAfterRejection(sink, updates, bad)
+    xs = examples(100)
+    pipeline = (
+        source
+        | Map(lambda i: xs[i % len(xs)])
+        | RunInference(PytorchModelHandlerTensor(v1, MLP, {}), model_metadata_pcoll=updates)
+        | Map(lambda r: (r.inference.tolist(), r.model_id, os.getpid()))
+        | sink
+    )
+    harness = source.harness = Harness(workers=2, threads=1, bundle_size=16, progress=False)
+    summary = harness.run(pipeline)  # must not fail: nobody is pointed at the corrupt file
+    assert summary.rejected_model_updates == 1 and summary.worker_restarts == 1
+    assert summary.outputs == summary.elements_in == len(sink.values)
+    assert len({pid for *_, pid in sink.values}) == 3 and {m for _, m, _ in sink.values} == {v1}
+    with torch.inference_mode():
+        for i, (y, _, _) in enumerate(sink.values):
+            assert torch.allclose(torch.tensor(y), ref(xs[i % len(xs)][None])[0], atol=1e-5)
