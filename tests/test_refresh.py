@@ -165,7 +165,11 @@ def test_run_inference_swaps_versions_on_updates_and_names_each_result(private_d
     check_results(results, xs, refs)
     ids = [r.model_id for r in results]
     switch = ids.index(v2)
-    assert 80 <= switch <= 120 and set(ids[:switch]) == {v1} and set(ids[switch:]) == {v2}
+    assert 80 <= switch <= 120 and set(ids[:switch]) == {v1}
+    # After the switch: v2. With large_model, RunInference keeps two batches in flight to
+    # the server, and the two around the server's swap may finish in either order.
+    settled = switch + (2 * 10 if large else 0)
+    assert set(ids[settled:]) == {v2} and set(ids[switch:settled]) <= {v1, v2}
     assert "rejected" in caplog.text and "bad.pt" in caplog.text
     # Metrics: unprefixed before the first named update, then under Beam's prefix.
     named = ri.beam_metrics()
