@@ -409,8 +409,10 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return f"{self._key}:{int(self._large_model)}"
 
     def cache_key(self) -> str:
-        version = self._version
-        return f"{self.cache_slot()}:{self._spec(version).digest()}:{version.updates}"
+        # Read every batch: built from the version alone (everything else in the spec is
+        # fixed at construction and already in the key), with no digest to compute.
+        v = self._version
+        return f"{self.cache_slot()}:{v.updates}:{v.revision}:{v.path}"
 
     def share_model_across_processes(self) -> bool:
         return self._large_model

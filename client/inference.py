@@ -152,6 +152,13 @@ class ModelCache:
                     return False
                 self._changed.wait(min(remaining, 0.1))
 
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no new version is loading; True if none is."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(slot.loading is None for slot in self._slots.values()), timeout
+            )
+
     def drop(self, handler: ModelHandler[Any, Any, Any]) -> None:
         with self._lock:
             self._slots.pop(handler.cache_slot(), None)

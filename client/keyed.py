@@ -13,7 +13,6 @@ a time (least recently used first out), as in Beam.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.handlers import ModelHandler
-
-log = logging.getLogger("beamlet.keyed")
 
 
 @dataclass(frozen=True)
@@ -54,16 +51,19 @@ class KeyModelPathMapping:
 
 
 class _KeyedModels:
-    """What KeyedModelHandler.load_model returns: the per-key models, loaded on demand."""
+    """What KeyedModelHandler.load_model returns: the per-key models, loaded on demand.
+
+    In-process models live in a cache of their own (``client.inference.ModelCache``: new
+    versions load aside, rejected ones keep the current one serving), of which at most
+    ``max_models_per_worker_hint`` are kept, least recently used first out."""
 
     def __init__(self, handler: KeyedModelHandler):
+        from client.inference import ModelCache
+
         self._handler = handler
         self._lock = threading.Lock()
-        self._local: OrderedDict[int, tuple[str, Any]] = OrderedDict()  # index -> (version, model)
-        self._rejected: dict[int, set[str]] = {}
-        self._updating: set[int] = set()  # indexes whose new version loads in the background
-        self._updated = threading.Condition(self._lock)
-        self._first_loads: dict[int, threading.Lock] = {}
+        self._local: OrderedDict[int, None] = OrderedDict()  # mapping indexes held, oldest use first
+        self._cache = ModelCache()
         self.evictions = 0
 
     def model_for(self, index: int) -> Any:
@@ -72,63 +72,22 @@ class _KeyedModels:
         mh = self._handler.mappings[index].mh
         if mh.share_model_across_processes():
             return models.get(mh)  # a RemoteModel: the server manages the memory
+        model = self._cache.get(mh)
+        dropped = []
         with self._lock:
-            want = mh.cache_key()
-            current = self._local.get(index)
-            if current is not None:
-                self._local.move_to_end(index)
-                stale = current[0] != want and want not in self._rejected.get(index, ())
-                if stale and index not in self._updating:  # a new version: load it aside
-                    self._updating.add(index)
-                    threading.Thread(
-                        target=self._load_version, args=(index,), name="keyed-model-update", daemon=True
-                    ).start()
-                return current[1]
-            lock = self._first_loads.setdefault(index, threading.Lock())
-        with lock:  # not loaded (first use, or dropped by the hint): this batch waits
-            with self._lock:
-                current = self._local.get(index)
-                if current is not None:
-                    return current[1]
-                want = mh.cache_key()
-            model = mh.load_model()
-            self._install(index, want, model)
-            return model
-
-    def _load_version(self, index: int) -> None:
-        """A new version of a loaded model, loaded while batches use the current one."""
-        mh = self._handler.mappings[index].mh
-        want = mh.cache_key()
-        try:
-            model = mh.load_model()
-        except Exception as exc:
-            log.error(
-                "model update for keys %s rejected, the current version keeps serving: %s: %s",
-                self._handler.mappings[index].keys, type(exc).__name__, exc,
-            )  # fmt: skip
-            with self._lock:
-                self._rejected.setdefault(index, set()).add(want)
-                self._updating.discard(index)
-                self._updated.notify_all()
-            return
-        self._install(index, want, model)
-        with self._lock:
-            self._updating.discard(index)
-            self._updated.notify_all()
-
-    def wait_for_updates(self, timeout: float = 60.0) -> bool:
-        """Wait until no new version is loading (for tests and tools); True if none is."""
-        with self._updated:
-            return self._updated.wait_for(lambda: not self._updating, timeout)
-
-    def _install(self, index: int, version: str, model: Any) -> None:
-        with self._lock:
-            self._local[index] = (version, model)
+            self._local[index] = None
             self._local.move_to_end(index)
             hint = self._handler.max_models_per_worker_hint
             while hint is not None and len(self._local) > hint:
-                self._local.popitem(last=False)
+                dropped.append(self._local.popitem(last=False)[0])
                 self.evictions += 1
+        for i in dropped:
+            self._cache.drop(self._handler.mappings[i].mh)
+        return model
+
+    def wait_for_updates(self, timeout: float = 60.0) -> bool:
+        """Wait until no new version is loading (for tests and tools); True if none is."""
+        return self._cache.wait_idle(timeout)
 
 
 class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedModels]):
