@@ -384,20 +384,7 @@ class ModelManager:
             if beside:
                 return self._load(key, spec, old)
             loaders.check(spec)
-            log.info("swapping %s: %s cannot hold both versions; draining the old one first", key, device)
-            with self._lock:
-                old_spec = old.spec
-                retired = self._detach(old, evicted=False)
-            self._release([retired])
-            try:
-                return self._load(key, spec, old)
-            except Exception as exc:
-                old.stats.failed_swaps += 1
-                self._restore(key, old_spec, old, spec, exc)
-                raise
         except Exception as exc:
-            if not beside and not old.loaded:
-                raise  # drained: _restore has said what serves now
             old.stats.failed_swaps += 1
             log.error(
                 "new version of %s (%s) rejected, %s keeps serving: %s",
@@ -406,6 +393,17 @@ class ModelManager:
                 old.spec.model_id,
                 exc,
             )
+            raise
+        log.info("swapping %s: %s cannot hold both versions; draining the old one first", key, device)
+        with self._lock:
+            old_spec = old.spec
+            retired = self._detach(old, evicted=False)
+        self._release([retired])
+        try:
+            return self._load(key, spec, old)
+        except Exception as exc:
+            old.stats.failed_swaps += 1
+            self._restore(key, old_spec, old, spec, exc)
             raise
 
     def _restore(

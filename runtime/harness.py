@@ -44,12 +44,13 @@ from typing import Any
 
 from client import batching, refresh
 from client.inference import InferenceMetrics
-from modelserver import config, loaders
+from modelserver import config
 from modelserver.errors import BeamletError
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel
 from runtime.pipeline import Collect, Pipeline, Sink
 from runtime.serverkeeper import ServerKeeper, ServerStartFailed
 from runtime.summary import RunSummary
+from runtime.updates import ModelUpdateFeed
 from runtime.workerslot import WorkerSlot, exec_worker, fork_worker
 
 log = logging.getLogger("beamlet.harness")
@@ -198,8 +199,7 @@ class _Run:
         self.run_dir = tempfile.mkdtemp(prefix="beamlet-run-")
         os.chmod(self.run_dir, 0o700)
         self.control_path = os.path.join(self.run_dir, "control.sock")
-        self.model_updates: dict[int, dict[str, Any]] = {}  # step index -> its latest update
-        self._watching = threading.Event()
+        self.updates = ModelUpdateFeed(pipeline, self.events)
         self.listener: socket.socket | None = None
         self.server_path: str | None = None
         self.keeper: ServerKeeper | None = None
@@ -215,7 +215,7 @@ class _Run:
         try:
             self._listen()
             self._start_model_server()
-            self._watch_model_updates()
+            self.updates.start()
             self.sink.open()
             for _ in range(self.h.workers):
                 self.spawn_worker()
@@ -475,7 +475,7 @@ class _Run:
         if kind == "closed":
             return  # the process exit is what counts; reap_workers handles it
         if kind == "model_update":
-            self._apply_update(*message)  # (step index, update)
+            self._send_update(*message)  # (step index, update)
             return
         if kind == "model_update_rejected":
             index, update, exc = message
@@ -493,8 +493,8 @@ class _Run:
             slot.channel = channel
             slot.threads = int(message.get("threads", slot.threads))
             slot.last_seen = time.monotonic()
-            for step, update in self.model_updates.items():  # before any bundle
-                channel.send({"op": "update_model", "step": step, "update": update})
+            for update in self.updates.replay():  # before any bundle
+                channel.send(update)
             return
         if op == "boot_failed":
             self.failure = PipelineError(
@@ -547,50 +547,16 @@ class _Run:
             self.next_commit += 1
 
     # -- model updates ----------------------------------------------------------------------
-    def _watch_model_updates(self) -> None:
-        """One thread per RunInference step with a source of model updates: it polls the
-        source and queues each update for the loop, which sends it to every worker."""
-        for index, step in enumerate(self.pipeline.steps):
-            source = getattr(getattr(step, "transform", None), "model_updates", None)
-            if source is not None:
-                threading.Thread(
-                    target=self._poll_updates, args=(index, source), name="model-updates", daemon=True
-                ).start()
-
-    def _poll_updates(self, index: int, source: refresh.ModelUpdateSource) -> None:
-        handler = self.pipeline.steps[index].transform.handler  # type: ignore[attr-defined]
-        while not self._watching.wait(source.interval):
-            try:
-                update = source.poll()
-            except Exception:
-                log.exception("polling model updates for step %d failed; trying again", index)
-                continue
-            if update is None:
-                continue
-            try:  # a corrupt or misfitting file never reaches the workers (nor a worker
-                for spec in refresh.candidate_specs(handler, update):  # started later)
-                    loaders.check(spec)
-            except (BeamletError, ValueError, KeyError) as exc:
-                self.events.put(("model_update_rejected", None, (index, update, exc)))
-                continue
-            self.events.put(("model_update", None, (index, update)))
-
-    def _apply_update(self, index: int, update: refresh.Update) -> None:
-        """Apply an update here (workers forked from now on inherit it) and send it to
-        every worker; a worker that says hello later gets it before any bundle."""
-        transform = self.pipeline.steps[index].transform  # type: ignore[attr-defined]
-        try:
-            transform.update_model(update)
-        except (TypeError, ValueError) as exc:
-            log.error("model update %s for step %d rejected: %s", update, index, exc)
+    def _send_update(self, index: int, update: refresh.Update) -> None:
+        """Apply a checked update here and send it to every worker (runtime/updates.py)."""
+        message = self.updates.apply(index, update)
+        if message is None:
             return
-        wire = refresh.to_wire(update)
-        self.model_updates[index] = wire
         self.summary.model_updates += 1
         for slot in self.slots.values():
             if slot.channel is not None:
                 try:
-                    slot.channel.send({"op": "update_model", "step": index, "update": wire})
+                    slot.channel.send(message)
                 except OSError:
                     pass  # dying: its replacement gets the update at hello
 
@@ -610,26 +576,9 @@ class _Run:
         self.keeper = ServerKeeper(self.server_path, self.h.server_args)
         try:
             self.keeper.start()
+            self.keeper.serve_versions(self.pipeline.inference_steps())
         except ServerStartFailed as exc:
             raise PipelineError(str(exc)) from None
-        self._register_models()
-
-    def _register_models(self) -> None:
-        """Make the server serve this run's version of each shared single model before
-        any worker attaches to it (a server kept from an earlier run may hold a version
-        that run swapped in)."""
-        from client.serverclient import ServerClient
-
-        assert self.server_path is not None
-        with ServerClient(self.server_path, autostart=False, retry_seconds=5.0) as client:
-            for step in self.pipeline.inference_steps():
-                handler = step.transform.handler
-                spec = handler.model_spec()
-                if handler.share_model_across_processes() and spec is not None:
-                    try:
-                        client.load(handler.model_key(), spec, replace=True)
-                    except BeamletError as exc:
-                        raise PipelineError(f"the model server cannot load {step.label}: {exc}") from None
 
     def _watch_model_server(self) -> None:
         if self.keeper is not None:
@@ -642,7 +591,7 @@ class _Run:
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop workers in bounded stages, stop our model server, remove our files."""
-        self._watching.set()
+        self.updates.stop()
         for slot in self.slots.values():
             if slot.channel is not None:
                 try:

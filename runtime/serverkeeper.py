@@ -1,5 +1,6 @@
 """The harness's hold on the model server: start it if the run needs one and none runs,
-start a new one if it dies, stop it at the end if this run started it."""
+make it serve the run's model versions, start a new one if it dies, stop it at the end
+if this run started it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import BeamletError, ServerUnavailable
+
+if TYPE_CHECKING:
+    from runtime.pipeline import InferenceStep
 
 log = logging.getLogger("beamlet.harness")
 
@@ -41,6 +47,22 @@ class ServerKeeper:
             return
         self.owned = True
         self._spawn()
+
+    def serve_versions(self, steps: Iterable[InferenceStep]) -> None:
+        """Make the server serve this run's version of each shared single model before
+        any worker attaches to it (a server kept from an earlier run may hold a version
+        that run swapped in)."""
+        from client.serverclient import ServerClient
+
+        with ServerClient(self.path, autostart=False, retry_seconds=5.0) as client:
+            for step in steps:
+                handler = step.transform.handler
+                spec = handler.model_spec()
+                if handler.share_model_across_processes() and spec is not None:
+                    try:
+                        client.load(handler.model_key(), spec, replace=True)
+                    except BeamletError as exc:
+                        raise ServerStartFailed(f"the model server cannot load {step.label}: {exc}") from None
 
     def _spawn(self) -> None:
         proc = autostart.spawn_server(self.path, self.server_args, idle_timeout=None)

@@ -319,6 +319,16 @@ def test_a_corrupt_or_misfitting_version_is_rejected_and_the_old_one_keeps_servi
     assert infer(m, "k", torch.ones(3, 8)).shape == (3, 3)
 
 
+def blob_versions(directory: str, n: int, megabytes: float) -> tuple[list[ModelSpec], list[Blob]]:
+    """``n`` versions of a Blob model on disk: their specs, and the models themselves."""
+    specs, refs = [], []
+    for i in range(n):
+        path = os.path.join(directory, f"v{i}.pt")
+        refs.append(make_blob(path, megabytes, seed=i))
+        specs.append(blob_spec(path, megabytes))
+    return specs, refs
+
+
 def serve(m, key: str, x: torch.Tensor) -> torch.Tensor:
     """One request as the server runs it: a model swapped out between lookup and submit
     (InternalError from its batcher) is looked up again."""
@@ -334,11 +344,7 @@ def test_a_tight_budget_swap_drains_the_old_version_first_and_no_request_fails(p
     """60 MB budget, 40 MB versions: both cannot be held, so the old one is drained,
     freed, and the new one loaded, while requests keep coming from four threads."""
     m = manager_factory(60, load_wait=10)
-    specs, refs = [], []
-    for i in range(3):
-        path = os.path.join(private_dir, f"v{i}.pt")
-        refs.append(make_blob(path, 40, seed=i))
-        specs.append(blob_spec(path, 40))
+    specs, refs = blob_versions(private_dir, 3, 40)
     m.register("k", specs[0])
     x = torch.randn(2, refs[0].lin.in_features)
     stop, errors, seen = threading.Event(), [], []
@@ -377,11 +383,7 @@ def test_a_tight_budget_swap_through_the_server_fails_no_request(private_dir, so
     requests that arrive while no version is loaded wait for the load."""
     srv = start_server(sock_path, "--memory-budget", "60MiB")
     try:
-        refs, specs = [], []
-        for i in range(3):
-            path = os.path.join(private_dir, f"v{i}.pt")
-            refs.append(make_blob(path, 40, seed=i))
-            specs.append(blob_spec(path, 40))
+        specs, refs = blob_versions(private_dir, 3, 40)
         x = torch.randn(2, refs[0].lin.in_features)
         with torch.inference_mode():
             wants = {spec.path: ref(x) for spec, ref in zip(specs, refs)}
