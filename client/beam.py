@@ -48,6 +48,7 @@ This module is the only one in beamlet that imports ``apache_beam`` (the ``beam`
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -58,7 +59,9 @@ from apache_beam.ml.inference import base as beam_base
 from client import autostart
 from client.handlers import ModelHandler as BeamletHandler
 from client.handlers import RemoteModel
+from client.inference import models as inference_models
 from client.keyed import KeyModelPathMapping, keyed_handler_of
+from client.keyed import _KeyedModels as BeamletHandlerModels
 from client.results import PredictionResult as BeamletResult
 from client.serverclient import shared_client
 from modelserver import config
@@ -106,11 +109,13 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
         self._pending: list[tuple[str, int]] = []  # metric readings from loads, not yet reported
         self._pending_lock = threading.Lock()
 
-    # Beam pickles handlers to ship them to its workers; a lock does not pickle.
+    # Beam pickles handlers to ship them to its workers; a lock does not pickle, and a
+    # loaded model stays in the process that loaded it.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pending"] = []
         del state["_pending_lock"]
+        state.pop("_loaded_here", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -141,6 +146,7 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
             with client.channel() as ch:
                 pids.append(ch.server_pid)
         model = self._handler.load_model()
+        self._loaded_here = (os.getpid(), model)
         # load_model runs in DoFn.setup, where Beam has no metrics context: hold the
         # readings until the next batch, which runs inside a bundle.
         with self._pending_lock:
@@ -162,7 +168,24 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
     ) -> Iterable[Any]:
         if self._pending:
             self._report_loads()
+        model = self._unproxied(model)
         return [_to_beam(r) for r in self._handler.run_inference(batch, model, inference_args)]
+
+    def _unproxied(self, model: Any) -> Any:
+        """The model itself where Beam hands over a proxy of it: Beam's KeyedModelHandler
+        with KeyModelMappings always wraps each model in ``multi_process_shared``. A
+        beamlet model needs no such sharing (a large one lives in the VM's server), and a
+        proxy of it hides what the handler must see (a RemoteModel's methods, a module's
+        device). The model this handler loaded in this process serves instead; where the
+        proxy's object lives in another process, this process loads its own."""
+        if isinstance(model, (RemoteModel, BeamletHandlerModels)) or _is_module(model):
+            return model
+        if not type(model).__module__.startswith("apache_beam."):
+            return model  # whatever a user's handler returns
+        loaded = self.__dict__.get("_loaded_here")
+        if loaded is not None and loaded[0] == os.getpid():
+            return loaded[1]
+        return inference_models.get(self._handler)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return self._handler.get_num_bytes(batch)
@@ -212,6 +235,12 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
         keyed.update_model_paths(
             None, [KeyModelPathMapping(list(m.keys), m.update_path, m.model_id) for m in model_paths]
         )
+
+
+def _is_module(model: Any) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
 
 
 def _to_beam(result: Any) -> Any:

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from client.remote import RemoteModel
 from client.results import PredictionResult
-from modelserver import loaders, userclass
+from modelserver import loaders, userclass, wire
 from modelserver.loaders import ModelSpec
 
 log = logging.getLogger("beamlet.handlers")
+
+
+class ConfigurationError(ValueError, RuntimeError):
+    """A handler was configured in a way that cannot work. A RuntimeError too, as Beam
+    raises for the same mistakes, so code written against Beam catches it."""
+
 
 ExampleT = TypeVar("ExampleT")
 PredictionT = TypeVar("PredictionT")
@@ -162,7 +168,12 @@ class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
         return self._base.get_postprocess_fns()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
+        # Only for names this class lacks. Read __dict__: while unpickling, _base does
+        # not exist yet, and self._base would call __getattr__ again, forever.
+        base = self.__dict__.get("_base")
+        if base is None:
+            raise AttributeError(name)
+        return getattr(base, name)
 
 
 class _PreProcessingModelHandler(_WrappingModelHandler):
@@ -187,6 +198,33 @@ class _PostProcessingModelHandler(_WrappingModelHandler):
 InferenceFn = Callable[..., Iterable[PredictionResult]]
 
 
+def make_tensor_model_fn(model_fn: str) -> InferenceFn:
+    """An inference_fn that stacks the batch and calls the model's method ``model_fn``
+    instead of forward (Beam's ``make_tensor_model_fn``); a large model's method runs in
+    the model server. Runs under ``torch.no_grad()``, as Beam's: outputs are ordinary
+    tensors a postprocess function may change in place."""
+    return _method_fn(model_fn, keyed=False)
+
+
+def make_keyed_tensor_model_fn(model_fn: str) -> InferenceFn:
+    """The keyed-tensor inference_fn (each named tensor stacked across the batch, called
+    as ``model.<model_fn>(**named, **inference_args)``): Beam's ``make_keyed_tensor_model_fn``."""
+    return _method_fn(model_fn, keyed=True)
+
+
+def _method_fn(model_fn: str, *, keyed: bool) -> InferenceFn:
+    def attr_fn(
+        batch: Sequence[Any],
+        model: Any,
+        device: str,
+        inference_args: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ) -> Iterable[PredictionResult]:
+        return _call_method(model_fn, keyed, batch, model, device, inference_args, model_id)
+
+    return attr_fn
+
+
 def default_tensor_inference_fn(
     batch: Sequence[Any],
     model: Any,
@@ -195,14 +233,7 @@ def default_tensor_inference_fn(
     model_id: str | None = None,
 ) -> Iterable[PredictionResult]:
     """Stack the batch, call the model once, pair each example with its row of output."""
-    import torch
-
-    batched = torch.stack([torch.as_tensor(x) for x in batch])
-    if device and device != "cpu" and not isinstance(model, RemoteModel):
-        batched = batched.to(device)
-    with torch.inference_mode():
-        predictions = model(batched, **(inference_args or {}))
-    return _pair(batch, predictions, model_id or _remote_id(model))
+    return _call_method("forward", False, batch, model, device, inference_args, model_id)
 
 
 def default_keyed_tensor_inference_fn(
@@ -212,15 +243,32 @@ def default_keyed_tensor_inference_fn(
     inference_args: dict[str, Any] | None = None,
     model_id: str | None = None,
 ) -> Iterable[PredictionResult]:
-    """Stack each named tensor across the batch and call ``model(**named)``."""
+    """Stack each named tensor across the batch and call ``model(**named, **inference_args)``."""
+    return _call_method("forward", True, batch, model, device, inference_args, model_id)
+
+
+def _call_method(
+    model_fn: str,
+    keyed: bool,
+    batch: Sequence[Any],
+    model: Any,
+    device: str,
+    inference_args: dict[str, Any] | None,
+    model_id: str | None,
+) -> list[PredictionResult]:
     import torch
 
-    keys = batch[0].keys()
-    batched = {k: torch.stack([torch.as_tensor(x[k]) for x in batch]) for k in keys}
-    if device and device != "cpu" and not isinstance(model, RemoteModel):
-        batched = {k: v.to(device) for k, v in batched.items()}
-    with torch.inference_mode():
-        predictions = model(**batched, **(inference_args or {}))
+    local = bool(device) and device != "cpu" and not isinstance(model, RemoteModel)
+    fn = model if model_fn == "forward" else getattr(model, model_fn)
+    with torch.no_grad():
+        if keyed:
+            named = {k: torch.stack([torch.as_tensor(x[k]) for x in batch]) for k in batch[0]}
+            predictions = fn(
+                **{k: v.to(device) if local else v for k, v in named.items()}, **(inference_args or {})
+            )
+        else:
+            batched = torch.stack([torch.as_tensor(x) for x in batch])
+            predictions = fn(batched.to(device) if local else batched, **(inference_args or {}))
     return _pair(batch, predictions, model_id or _remote_id(model))
 
 
@@ -259,55 +307,6 @@ def _pair(batch: Sequence[Any], predictions: Any, model_id: str | None) -> list[
     return [PredictionResult(x, y, model_id) for x, y in zip(batch, rows)]
 
 
-class RemoteModel:
-    """A model that lives in the model server; calling it sends one batch there.
-
-    ``model(x, **kwargs)`` and ``model(**named_tensors)`` work as for a local module.
-    Thread-safe: every call takes its own pooled connection. ``last_model_id`` is, per
-    thread, the version that ran this thread's last call.
-
-    ``replace``: swap the key to ``spec`` (an update), or attach to the version the key
-    already serves (a worker joining a running job), loading ``spec`` only when the key
-    is new to the server.
-    """
-
-    def __init__(self, server: Any, key: str, spec: ModelSpec, *, replace: bool = False):
-        self._server = server
-        self.key = key
-        self._local = threading.local()
-        info = server.load(key, spec, replace=replace)
-        served = info.get("spec")
-        self.spec = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
-        self.model_id: str = info.get("model_id") or self.spec.model_id
-        self.device = info.get("device")
-        self.nbytes = info.get("nbytes", 0)
-        if spec.device.upper() == "GPU" and self.device == "cpu":
-            log.warning("model %s asked for a GPU; the model server runs it on the CPU", key)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            if len(args) != 1:
-                raise TypeError("a remote model takes one positional input (a tensor or a map of tensors)")
-            inputs: Any = args[0]
-        else:
-            named = {k: v for k, v in kwargs.items() if _is_tensor(v)}
-            kwargs = {k: v for k, v in kwargs.items() if k not in named}
-            inputs = named
-        reply = self._server.infer(self.key, inputs, kwargs)
-        self._local.model_id = reply.get("model_id") or self.model_id
-        return reply["outputs"]
-
-    @property
-    def last_model_id(self) -> str:
-        return getattr(self._local, "model_id", self.model_id)
-
-
-def _is_tensor(value: Any) -> bool:
-    import torch
-
-    return isinstance(value, torch.Tensor)
-
-
 class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     """What the tensor and keyed-tensor handlers share."""
 
@@ -327,30 +326,30 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         max_batch_duration_secs: float | None = None,
         large_model: bool = False,
         load_model_args: dict[str, Any] | None = None,
+        env_vars: dict[str, str] | None = None,
         socket_path: str | None = None,
         **kwargs: Any,
     ):
         super().__init__()
-        if torch_script_model_path and (state_dict_path or model_class):
-            raise ValueError("give either torch_script_model_path, or state_dict_path and model_class")
-        if not torch_script_model_path and model_class is None:
-            raise ValueError(
-                "a PyTorch handler needs model_class (with state_dict_path) or torch_script_model_path"
-            )
-        # The model server runs elsewhere (its working directory is /): paths must be absolute.
+        _check_sources(state_dict_path, model_class, torch_script_model_path)
+        # The model server runs elsewhere (its working directory is /): the spec holds
+        # absolute paths. Results name the path as the user gave it, as Beam's do.
         self._torchscript = bool(torch_script_model_path)
-        path = _absolute(torch_script_model_path or state_dict_path)
+        given = torch_script_model_path or state_dict_path
+        path = _absolute(given)
         # One immutable value, replaced whole by an update: a reader never sees a new path
         # with an old revision. ``updates`` > 0: loads swap the server's version (a first
         # load attaches to it), and every update is a new version for this process.
-        self._version = _Version(path, loaders.file_revision(path), 0)
+        self._version = _Version(path, loaders.file_revision(path), 0, given)
         self._loaded_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._past_ids: dict[str, str] = {}  # absolute -> given paths of earlier versions
         self._model_class = model_class
         self._model_params = dict(model_params or {})
         self._device = device
         self._inference_fn = inference_fn or type(self)._default_fn
         self._large_model = large_model
         self._load_model_args = dict(load_model_args or {})
+        self._env_vars = _check_env_vars(env_vars)
         self._socket_path = socket_path
         self._batching = {
             k: v
@@ -364,6 +363,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         self._batching.update(kwargs.pop("batch_elements_kwargs", {}) or {})
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if large_model:
+            _check_sendable("model_params", self._model_params)
+            _check_sendable("load_model_args", self._load_model_args)
         self._class_ref = _class_ref(model_class, large_model)
         self._key = f"{self._name()}-{self.model_spec().digest()}"
         self._resolved_device: str | None = None
@@ -390,7 +392,14 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def _spec(self, version: _Version) -> ModelSpec:
         if self._torchscript:
             return ModelSpec(
-                "torchscript", version.path, None, {}, self._device, self._load_model_args, version.revision
+                "torchscript",
+                version.path,
+                None,
+                {},
+                self._device,
+                self._load_model_args,
+                version.revision,
+                self._env_vars,
             )
         return ModelSpec(
             "pytorch_state_dict",
@@ -400,6 +409,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             self._device,
             self._load_model_args,
             version.revision,
+            self._env_vars,
         )
 
     def model_key(self) -> str:
@@ -418,26 +428,47 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return self._large_model
 
     def load_model(self) -> Any:
+        """The model: loaded here, or (large_model) a ``RemoteModel`` of the server's.
+        ``env_vars`` are set in this process first, as Beam does, and in the server."""
         version = self._version
         spec = self._spec(version)
         if self._large_model:
             from client.serverclient import shared_client
 
+            loaders.apply_env_vars(self._env_vars, self.cache_slot())
             server = shared_client(self._socket_path)
             return RemoteModel(server, self._key, spec, replace=version.updates > 0)
-        loaded = loaders.load(spec, self._model_class)
+        loaded = loaders.load(spec, self._model_class, owner=self.cache_slot())
         self._resolved_device = loaded.device
-        self._loaded_ids[loaded.module] = loaded.model_id
+        self._loaded_ids[loaded.module] = version.given or loaded.model_id
         return loaded.module
 
     def run_inference(
         self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
     ) -> Iterable[PredictionResult]:
+        """Run ``inference_fn(batch, model, device, inference_args, model_id)``;
+        ``inference_args`` is ``{}`` when there are none, as in Beam."""
+        inference_args = inference_args or {}
         if isinstance(model, RemoteModel):
-            results = self._inference_fn(batch, model, "cpu", inference_args, model.model_id)
-            return _with_model_id(results, model.last_model_id)
-        model_id = self._loaded_ids.get(model) or self.model_spec().model_id
+            with model.batch(batch):
+                results = self._inference_fn(
+                    batch, model, "cpu", inference_args, self._given_id(model.model_id)
+                )
+            return _with_model_id(results, self._given_id(model.last_model_id))
+        model_id = self._loaded_ids.get(model) or self._given_id(self.model_spec().model_id)
         return self._inference_fn(batch, model, _module_device(model), inference_args, model_id)
+
+    def _given_id(self, model_id: str) -> str:
+        """The path as the user gave it for a version the server names by absolute path."""
+        v = self._version
+        return v.given if v.given and model_id == v.path else self._past_ids.get(model_id, model_id)
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        """A large model's inference_args travel to the server: each must be data the wire
+        carries (checked here, before anything runs). A side input (Beam's ``AsDict``)
+        is only known per batch: the wire says then what it cannot carry."""
+        if self._large_model and isinstance(inference_args, Mapping) and inference_args:
+            _check_sendable("inference_args", dict(inference_args))
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
         return dict(self._batching)
@@ -450,17 +481,71 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         every process that updates to the same file sends the same spec, so the model
         server swaps once."""
         current = self._version
+        if model_path == "":
+            # Beam keeps the current model when the path is empty (a ModelMetadata side
+            # input with no model_id): no new version, and never a model without weights.
+            log.warning("model update with an empty path ignored; %s keeps serving", current.given)
+            return
         path = _absolute(model_path) if model_path is not None else current.path
-        self._version = _Version(path, loaders.file_revision(path), current.updates + 1)
+        given = model_path if model_path is not None else current.given
+        if current.given and current.path and current.path != path:
+            self._past_ids[current.path] = current.given
+            while len(self._past_ids) > 16:
+                del self._past_ids[next(iter(self._past_ids))]
+        self._version = _Version(path, loaders.file_revision(path), current.updates + 1, given)
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_PyTorch"
 
 
 class _Version(NamedTuple):
-    path: str | None
+    path: str | None  # absolute: what the server loads and keys on
     revision: str
     updates: int
+    given: str | None  # as the user gave it: what results name
+
+
+def _check_sources(state_dict_path: Any, model_class: Any, torch_script_model_path: Any) -> None:
+    """Beam's rules, Beam's words: a state_dict needs its class and the class its
+    state_dict (never a model built with random weights); TorchScript or state_dict."""
+    message = (
+        "A {0} has been supplied to the model handler, but the required {1} is missing. "
+        "Please provide the {1} in order to successfully load the {0}."
+    )
+    if state_dict_path and not model_class:
+        raise ConfigurationError(message.format("state_dict_path", "model_class"))
+    if not state_dict_path and model_class:
+        raise ConfigurationError(message.format("model_class", "state_dict_path"))
+    if torch_script_model_path and state_dict_path:
+        raise ConfigurationError(
+            "Please specify either torch_script_model_path or (state_dict_path, model_class) "
+            "to successfully load the model."
+        )
+    if not torch_script_model_path and not state_dict_path:
+        raise ConfigurationError(
+            "A PyTorch handler needs state_dict_path and model_class, or torch_script_model_path."
+        )
+
+
+def _check_env_vars(env_vars: Any) -> dict[str, str]:
+    env = dict(env_vars or {})
+    bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ConfigurationError(f"env_vars must map str to str; not: {bad}")
+    return env
+
+
+def _check_sendable(what: str, values: dict[str, Any]) -> None:
+    """Each value must be data the wire carries to the model server; the error names the
+    one that is not."""
+    for name, value in values.items():
+        try:
+            wire.encode({name: value})
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"{what}[{name!r}] cannot travel to the model server (large_model=True): {exc}. "
+                "Use plain data, arrays, torch dtypes and devices, or a dataclass of those."
+            ) from None
 
 
 def _absolute(path: str | None) -> str | None:

@@ -65,8 +65,9 @@ class ModelUpdates:
 def check(update: Any) -> Update:
     """The update, validated; TypeError naming what is wrong otherwise."""
     if isinstance(update, ModelMetadata):
-        if not isinstance(update.model_id, str) or not update.model_id:
-            raise TypeError(f"ModelMetadata.model_id must be a non-empty path, got {update.model_id!r}")
+        # An empty model_id is allowed: the handler keeps its current model, as in Beam.
+        if not isinstance(update.model_id, str):
+            raise TypeError(f"ModelMetadata.model_id must be a path, got {update.model_id!r}")
         return update
     if (
         isinstance(update, (list, tuple))
@@ -105,11 +106,11 @@ def candidate_specs(handler: Any, update: Update) -> list[loaders.ModelSpec]:
     keyed = keyed_handler_of(handler)
     if keyed is None:
         spec = handler.model_spec()
-        if spec is None or not isinstance(update, ModelMetadata):
+        if spec is None or not isinstance(update, ModelMetadata) or not update.model_id:
             return []
         return [_moved(spec, update.model_id)]
     if isinstance(update, ModelMetadata):
-        moves = [(0, update.model_id)] if len(keyed.mappings) == 1 else []
+        moves = [(0, update.model_id)] if len(keyed.mappings) == 1 and update.model_id else []
     else:
         moves = [(keyed.model_index(m.keys[0]), m.update_path) for m in update]
     specs = []

@@ -126,12 +126,18 @@ class ServerClient:
         self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         return reply
 
-    def infer(self, key: str, inputs: Any, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    def infer(
+        self, key: str, inputs: Any, kwargs: dict[str, Any] | None = None, method: str = "forward"
+    ) -> dict[str, Any]:
         """Run one batch on the model registered under ``key``: {outputs, model_id}.
+        ``inputs`` is the batch; ``kwargs`` the side arguments (never merged with another
+        request's); ``method`` one of the model's public methods.
 
         If the server has forgotten the model (restart, new server), the spec the key last
         served for this client is registered again and the batch retried once."""
-        message = {"op": "infer", "key": key, "inputs": inputs, "kwargs": kwargs or {}}
+        message: dict[str, Any] = {"op": "infer", "key": key, "inputs": inputs, "kwargs": kwargs or {}}
+        if method != "forward":
+            message["method"] = method
         try:
             return self.call(message)
         except ModelNotFound:

@@ -2,9 +2,10 @@
 
 Requests from any connection, thread or process for the same model land in one queue.
 The batcher thread takes the oldest request and merges the queued ones that can share a
-forward pass with it (same input structure, dtypes and trailing shapes, no per-request
-keyword arguments) up to the model's batch limit, runs them once, splits the outputs by
-rows and replies to each. A merged batch that fails is re-run request by request, so one
+forward pass with it (the same method, the same input structure, dtypes and trailing
+shapes, and side arguments equal to its own: only batch inputs are concatenated, never
+the arguments beside them) up to the model's batch limit, runs them once, splits the
+outputs by rows and replies to each. A merged batch that fails is re-run request by request, so one
 bad input never fails its neighbours.
 
 One batch at a time per model: at low load a request runs at once on the thread that
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelserver import loaders
+from modelserver import loaders, wire
 from modelserver.errors import BeamletError, InternalError, OutOfMemory
 
 log = logging.getLogger("beamlet.batcher")
@@ -32,12 +33,21 @@ DEFAULT_MAX_MERGE_ROWS = 256
 
 @dataclass
 class Work:
-    """One infer request waiting for the model. ``reply`` gets (outputs, None) or (None, error)."""
+    """One infer request waiting for the model. ``reply`` gets (outputs, None) or (None, error).
+
+    ``inputs``: the batch (a tensor, or a map of named tensors, rows along dim 0);
+    ``kwargs``: side arguments, passed as they are; ``method``: which of the model's
+    public methods to call. ``signature`` is computed once, before the request queues."""
 
     inputs: Any
     kwargs: dict[str, Any]
     reply: Callable[[Any, BeamletError | None], None]
+    method: str = "forward"
     enqueued: float = field(default_factory=time.monotonic)
+    signature: tuple[Any, ...] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = _signature(self)
 
 
 @dataclass
@@ -165,14 +175,14 @@ class Batcher:
     def _take_batch(self) -> list[Work]:
         first = self._queue.popleft()
         batch = [first]
-        sig = _signature(first)
+        sig = first.signature
         if sig is None:
             return batch
         rows = sig[0]
         kept: deque[Work] = deque()
         while self._queue:
             work = self._queue.popleft()
-            other = _signature(work)
+            other = work.signature
             if other is not None and other[1:] == sig[1:] and rows + other[0] <= self.max_merge_rows:
                 batch.append(work)
                 rows += other[0]
@@ -185,7 +195,7 @@ class Batcher:
         if len(batch) > 1:
             try:
                 merged = _concat([w.inputs for w in batch])
-                outputs = loaders.run(self.model, merged, {})
+                outputs = loaders.run(self.model, merged, batch[0].kwargs, batch[0].method)
                 parts = _split(outputs, [_rows(w.inputs) for w in batch])
             except Exception as exc:
                 log.debug("merged batch of %d failed (%s); running each alone", len(batch), exc)
@@ -208,12 +218,12 @@ class Batcher:
     def _run_one(self, work: Work) -> Any:
         """One request; after a CUDA out-of-memory, free what can be freed and retry once."""
         try:
-            return loaders.run(self.model, work.inputs, work.kwargs)
+            return loaders.run(self.model, work.inputs, work.kwargs, work.method)
         except Exception as exc:
             if type(exc).__name__ != "OutOfMemoryError" or self._on_oom is None:
                 raise
         self._on_oom()
-        return loaders.run(self.model, work.inputs, work.kwargs)
+        return loaders.run(self.model, work.inputs, work.kwargs, work.method)
 
     def _account(self, batch: list[Work], batches: int) -> None:
         self.stats.batches += batches
@@ -253,19 +263,52 @@ def _rows(inputs: Any) -> int | None:
 
 
 def _signature(work: Work) -> tuple[Any, ...] | None:
-    """(rows, structure...) for mergeable work, None for work that must run alone."""
+    """(rows, method, side arguments, structure...) for mergeable work, None for work that
+    must run alone. Two requests merge only when everything but the row count is equal:
+    their side arguments are compared by value (tensors by dtype, shape and bytes)."""
     import torch
 
-    if work.kwargs:
+    side = _value_key(work.kwargs)
+    if side is None:
         return None
     x = work.inputs
     if isinstance(x, torch.Tensor) and x.dim():
-        return (x.shape[0], x.dtype, tuple(x.shape[1:]))
+        return (x.shape[0], work.method, side, x.dtype, tuple(x.shape[1:]))
     if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) and v.dim() for v in x.values()):
         rows = _rows(x)
         if rows is None:
             return None
-        return (rows, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in x.items()))
+        return (rows, work.method, side, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in x.items()))
+    return None
+
+
+def _value_key(value: Any) -> Any:
+    """A hashable, comparable stand-in for a side argument; None for one that cannot be
+    compared (the request then runs alone)."""
+    import numpy as np
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return ("tensor", str(t.dtype), tuple(t.shape), raw.numpy().tobytes())
+    if isinstance(value, np.ndarray):
+        return ("ndarray", str(value.dtype), value.shape, np.ascontiguousarray(value).tobytes())
+    if isinstance(value, (torch.dtype, torch.device)):
+        return (type(value).__name__, str(value))
+    if isinstance(value, wire.DataclassValue):
+        fields = _value_key(value.fields)
+        return None if fields is None else ("dataclass", value.ref.get("name"), fields)
+    if isinstance(value, dict):
+        items = [(k, _value_key(v)) for k, v in value.items()]
+        if any(v is None for _, v in items):
+            return None
+        return ("map", tuple(sorted(items, key=lambda kv: str(kv[0]))))
+    if isinstance(value, (list, tuple)):
+        keys = [_value_key(v) for v in value]
+        return None if any(k is None for k in keys) else (type(value).__name__, tuple(keys))
     return None
 
 

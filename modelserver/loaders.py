@@ -7,18 +7,16 @@ uses it too. A client-side handler never loads a model itself: it builds a ``Mod
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import logging
 import os
 import threading
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import msgpack
-
-from modelserver import userclass
-from modelserver.errors import BadInput, ModelLoadError
+from modelserver import userclass, wire
+from modelserver.errors import BadInput, BadRequest, ModelLoadError
 
 log = logging.getLogger("beamlet.loaders")
 
@@ -35,14 +33,20 @@ class ModelSpec:
     path               checkpoint or TorchScript file; for state_dict, None means the
                        class (or factory) builds the whole model itself
     model_class        ``userclass.describe(cls)``: {"name": "mod:Qual", "source": ...}
-    model_params       keyword arguments for model_class, msgpack-able
+    model_params       keyword arguments for model_class: plain data, torch dtypes and
+                       devices, dataclasses (``wire``) when the spec travels to the
+                       model server; anything the class takes when it loads in-process
     device             "CPU", "GPU" (the first CUDA device, falling back to CPU with a
                        warning when CUDA is unusable) or an explicit "cuda:N"
-    load_model_args    extra keyword arguments for torch.load / torch.jit.load
-                       (weights_only is always True)
+    load_model_args    extra keyword arguments for torch.load / torch.jit.load;
+                       weights_only is True unless the user sets it to False (then the
+                       checkpoint's own code runs, with a warning)
     revision           which version of the file at ``path``: its identity when the
                        handler was pointed at it (``file_revision``). A file rewritten in
                        place gets a new revision, so the spec differs and the model swaps.
+    env_vars           environment variables set in the loading process before the model
+                       loads (Beam's ``env_vars``); two models that need different values
+                       of one variable cannot share a process (``apply_env_vars``)
     """
 
     loader: str
@@ -52,9 +56,11 @@ class ModelSpec:
     device: str = "CPU"
     load_model_args: dict[str, Any] = field(default_factory=dict)
     revision: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it would turn a dataclass among model_params into a map.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ModelSpec:
@@ -75,11 +81,16 @@ class ModelSpec:
             raise ModelLoadError("a state_dict model needs a model_class")
         if not isinstance(self.model_params, dict) or not isinstance(self.load_model_args, dict):
             raise ModelLoadError("model_params and load_model_args must be maps")
+        if not isinstance(self.env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.env_vars.items()
+        ):
+            raise ModelLoadError("env_vars must be a map of str to str")
 
     def digest(self) -> str:
-        """A stable fingerprint: two specs with the same digest load the same model."""
-        packed = msgpack.packb(self.to_wire(), use_bin_type=True)
-        return hashlib.sha256(packed).hexdigest()[:16]
+        """A stable fingerprint: two specs with the same digest load the same model. A
+        parameter the wire cannot carry (a model kept in-process takes any object)
+        counts by its type and identity."""
+        return wire.fingerprint(self.to_wire(), fallback=_identity)[:16]
 
     @property
     def model_id(self) -> str:
@@ -88,6 +99,10 @@ class ModelSpec:
             return self.path
         name = (self.model_class or {}).get("name", "model")
         return f"{name}@{self.digest()}"
+
+
+def _identity(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}@{id(obj):x}"
 
 
 def file_revision(path: str | None) -> str:
@@ -106,12 +121,101 @@ def file_revision(path: str | None) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model in memory, ready to run."""
+    """A model in memory, ready to run. ``methods``: the public methods a client may call
+    by name (``public_methods``)."""
 
     module: Any
     device: str
     nbytes: int
     model_id: str
+    methods: frozenset[str] = frozenset({"forward"})
+
+
+def public_methods(module: Any) -> frozenset[str]:
+    """The methods of a model a client may call by name: ``forward`` and the public
+    methods its own classes define (a TorchScript module: its compiled ones). Never
+    ``torch.nn.Module``'s own (``to``, ``load_state_dict``, ``register_buffer``...): a
+    request can run the model, not reconfigure it."""
+    import torch
+
+    names = {"forward"}
+    compiled = getattr(getattr(module, "_c", None), "_method_names", None)
+    if isinstance(module, torch.jit.ScriptModule) and compiled is not None:
+        names.update(compiled())
+    else:
+        for cls in type(module).__mro__:
+            if cls is torch.nn.Module or not issubclass(cls, torch.nn.Module):
+                break
+            names.update(n for n, v in vars(cls).items() if callable(v) and not isinstance(v, type))
+    return frozenset(n for n in names if not n.startswith("_"))
+
+
+_env_lock = threading.Lock()
+_env_owners: dict[str, tuple[str, str]] = {}  # variable -> (value, the model that set it)
+
+
+def apply_env_vars(env_vars: dict[str, str], owner: str) -> None:
+    """Set a model's environment variables in this process before it loads, as Beam's
+    ``set_environment_vars`` does. A variable another model of this process already set
+    to another value is a ModelLoadError: one process has one environment."""
+    if not env_vars:
+        return
+    with _env_lock:
+        for name, value in env_vars.items():
+            held = _env_owners.get(name)
+            if held is not None and held[0] != value and held[1] != owner:
+                raise ModelLoadError(
+                    f"env_vars: {owner} needs {name}={value!r}, but {held[1]} set {name}={held[0]!r} "
+                    "in this process; models that need different values cannot share a process "
+                    "(give them different model servers, socket_path=...)"
+                )
+        for name, value in env_vars.items():
+            os.environ[name] = value
+            _env_owners[name] = (value, owner)
+
+
+def materialize(value: Any, home: tuple[str, Any] | None = None) -> Any:
+    """``value`` with every ``wire.DataclassValue`` built into its dataclass. ``home``:
+    (the module name the model class was described under, the module it was loaded
+    into). A dataclass of that same module is taken from the model's module (a model
+    shipped by source gets its own copy of its module, and ``isinstance`` in the model
+    must see that copy's class); any other is resolved as model classes are."""
+    if isinstance(value, wire.DataclassValue):
+        cls = _home_class(value.ref, home)
+        if cls is None:
+            try:
+                cls = userclass.resolve(value.ref)
+            except Exception as exc:
+                raise BadRequest(f"cannot import dataclass {value.ref.get('name')!r}: {exc}") from None
+        return cls(**{k: materialize(v, home) for k, v in value.fields.items()})
+    if isinstance(value, dict):
+        return {k: materialize(v, home) for k, v in value.items()}
+    if isinstance(value, list):
+        return [materialize(v, home) for v in value]
+    return value
+
+
+def _home_class(ref: dict[str, Any], home: tuple[str, Any] | None) -> Any:
+    name = ref.get("name")
+    if home is None or not isinstance(name, str) or ":" not in name:
+        return None
+    module_name, qualname = name.split(":", 1)
+    if module_name != home[0]:
+        return None
+    obj: Any = home[1]
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
+def _has_placeholders(value: Any) -> bool:
+    if isinstance(value, wire.DataclassValue):
+        return True
+    if isinstance(value, dict):
+        return any(_has_placeholders(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_placeholders(v) for v in value)
+    return False
 
 
 def resolve_device(requested: str) -> str:
@@ -131,17 +235,20 @@ def resolve_device(requested: str) -> str:
     raise ModelLoadError(f"unknown device {requested!r}; use 'CPU', 'GPU' or 'cuda:N'")
 
 
-def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
+def load(spec: ModelSpec, model_class: Any = None, *, owner: str | None = None) -> LoadedModel:
     """Load a model; any failure becomes a ModelLoadError that says what and where.
 
     ``model_class``: the live class (or factory) when the caller has it, as a worker
-    loading its own small model does; otherwise the spec's class reference is resolved."""
+    loading its own small model does; otherwise the spec's class reference is resolved.
+    ``owner``: who the model is in this process (its key), for ``apply_env_vars``."""
     import torch
 
     spec.validate()
+    apply_env_vars(spec.env_vars, owner or spec.model_id)
     device = resolve_device(spec.device)
-    args = {k: v for k, v in spec.load_model_args.items() if k not in ("weights_only", "map_location")}
+    args = _load_args(spec)
     if spec.loader == "torchscript":
+        args.pop("weights_only", None)  # TorchScript archives hold no pickled code
         path = _existing(spec.path)
         try:
             module = torch.jit.load(path, map_location=device, **args)
@@ -151,16 +258,31 @@ def load(spec: ModelSpec, model_class: Any = None) -> LoadedModel:
         if spec.path:
             path = _existing(spec.path)
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, **args)
+                state = torch.load(path, map_location="cpu", **args)
             except Exception as exc:
-                raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+                raise ModelLoadError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
             module = _build_with_state(spec, model_class, state, path)
             del state
         else:
             module = _build(spec, model_class)
         module = module.to(device)
     module.eval()
-    return LoadedModel(module, device, tensor_bytes(module), spec.model_id)
+    return LoadedModel(module, device, tensor_bytes(module), spec.model_id, public_methods(module))
+
+
+def _load_args(spec: ModelSpec) -> dict[str, Any]:
+    """torch.load's keyword arguments: the user's, with weights_only=True unless the user
+    turned it off explicitly (said, loudly: the checkpoint's pickled code will run)."""
+    args = {k: v for k, v in spec.load_model_args.items() if k != "map_location"}
+    if args.get("weights_only", True) is False:
+        log.warning(
+            "loading %s with weights_only=False, as load_model_args asks: this runs code "
+            "stored in the checkpoint, in this process",
+            spec.path,
+        )
+    else:
+        args["weights_only"] = True
+    return args
 
 
 def check(spec: ModelSpec) -> None:
@@ -182,12 +304,13 @@ def check(spec: ModelSpec) -> None:
     args = {
         k: v for k, v in spec.load_model_args.items() if k not in ("weights_only", "map_location", "mmap")
     }
+    weights_only = spec.load_model_args.get("weights_only", True) is not False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True, **args)
+        state = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True, **args)
     except Exception as exc:
         if "mmap can only be used" in str(exc):
             return  # an old-format checkpoint: only a real load can tell
-        raise ModelLoadError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     name = (spec.model_class or {}).get("name")
     with torch.device("meta"):
         module = _build(spec)
@@ -251,7 +374,13 @@ def _build(spec: ModelSpec, factory: Any = None) -> Any:
         except Exception as exc:
             raise ModelLoadError(f"cannot import model class {ref.get('name')!r}: {exc}") from None
     try:
-        module = factory(**spec.model_params)
+        params = spec.model_params
+        if _has_placeholders(params):
+            home = (str(ref.get("name", "")).split(":", 1)[0], inspect.getmodule(factory))
+            params = materialize(params, home)
+        module = factory(**params)
+    except BadRequest as exc:
+        raise ModelLoadError(f"model_params of {ref.get('name')}: {exc}") from None
     except Exception as exc:
         raise ModelLoadError(
             f"{ref.get('name')}(**{spec.model_params!r:.120}) raised {type(exc).__name__}: {exc}"
@@ -265,6 +394,19 @@ def _existing(path: str | None) -> str:
     if not path or not os.path.exists(path):
         raise ModelLoadError(f"model file not found: {path}")
     return path
+
+
+def _load_failure(exc: BaseException) -> str:
+    """torch.load's failure in a line; for weights_only's refusal, what it refused and
+    the way out."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        refused = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+        return (
+            f"torch.load(weights_only=True) refused it ({refused or 'it holds pickled objects'}); "
+            "if you trust this file, pass load_model_args={'weights_only': False}"
+        )
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -285,19 +427,29 @@ def tensor_bytes(module: Any) -> int:
     return total
 
 
-def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any]) -> Any:
+def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = "forward") -> Any:
     """Call the model on one batch: ``module(inputs, **kwargs)``, or ``module(**inputs,
-    **kwargs)`` when inputs is a map of named tensors (keyed tensors). Outputs come back on
-    the CPU. A model that rejects its input raises BadInput naming what it got."""
+    **kwargs)`` when inputs is a map of named tensors (keyed tensors); ``method``: one of
+    ``loaded.methods`` instead of forward. Outputs come back on the CPU, as ordinary
+    tensors (``no_grad``, as Beam runs models: a postprocess may change them in place). A
+    model that rejects its input raises BadInput naming what it got."""
     import torch
 
-    with torch.inference_mode():
+    if method not in loaded.methods:
+        raise BadRequest(
+            f"model {loaded.model_id} has no public method {method!r}; it has: {', '.join(sorted(loaded.methods))}"
+        )
+    fn = loaded.module if method == "forward" else getattr(loaded.module, method)
+    if _has_placeholders(kwargs):
+        kwargs = materialize(kwargs)
+    with torch.no_grad():
         moved = _to_device(inputs, loaded.device)
+        kwargs = _to_device(kwargs, loaded.device, arrays=False)
         try:
             if isinstance(moved, dict):
-                out = loaded.module(**moved, **kwargs)
+                out = fn(**moved, **kwargs)
             else:
-                out = loaded.module(moved, **kwargs)
+                out = fn(moved, **kwargs)
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -307,18 +459,20 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any]) -> Any:
         return _to_device(out, "cpu")
 
 
-def _to_device(value: Any, device: str) -> Any:
+def _to_device(value: Any, device: str, *, arrays: bool = True) -> Any:
+    """Tensors moved to ``device``; numpy arrays become tensors too when ``arrays``
+    (batch inputs), and stay as they are otherwise (side arguments)."""
     import numpy as np
     import torch
 
     if isinstance(value, torch.Tensor):
         return value if value.device.type == torch.device(device).type else value.to(device)
-    if isinstance(value, np.ndarray):
+    if arrays and isinstance(value, np.ndarray):
         return torch.from_numpy(value).to(device)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, arrays=arrays) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to_device(v, device, arrays=arrays) for v in value)
     return value
 
 

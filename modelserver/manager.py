@@ -335,6 +335,7 @@ class ModelManager:
                 "device": batcher.device,
                 "nbytes": batcher.nbytes,
                 "footprint": footprint,
+                "methods": sorted(model.methods),
                 "spec": spec.to_wire(),
             }
             retired = None
@@ -445,7 +446,7 @@ class ModelManager:
             nvml0 = memory.Nvml.read(memory.device_index(device)) if device != "cpu" else None
             started = time.monotonic()
             try:
-                model = loaders.load(spec)
+                model = loaders.load(spec, owner=key)
             except ModelLoadError:
                 raise
             except MemoryError:

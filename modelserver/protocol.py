@@ -8,8 +8,11 @@ connection-level failure (a bad frame) just before the server closes that connec
 
     op        request fields                    reply fields (ok)
     hello     version, pid                      version, server_pid, max_frame_bytes
-    load      key, spec (a ModelSpec as a map)  model_id, device, nbytes
-    infer     key, inputs, kwargs               outputs, model_id
+    load      key, spec (a ModelSpec as a map)  model_id, device, nbytes, methods, spec
+    infer     key, inputs, kwargs, method       outputs, model_id
+              (inputs: the batch, rows along dim 0, concatenated with other requests'
+              when merged; kwargs: side arguments, equal in every merged request;
+              method: a public method of the model, default "forward")
     status    -                                 status (see ModelServer.status)
     shutdown  -                                 - (the server then stops)
 
@@ -49,6 +52,7 @@ class Infer:
     key: str
     inputs: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "forward"
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,10 @@ def parse_request(msg: Any) -> Request:
             raise BadRequest("request field 'kwargs' must be a map of str to values")
         if "inputs" not in msg:
             raise BadRequest("infer request has no 'inputs'")
-        return Infer(rid, _field(msg, "key", str), msg["inputs"], kwargs)
+        method = msg.get("method", "forward")
+        if not isinstance(method, str) or not method or method.startswith("_"):
+            raise BadRequest(f"request field 'method' must name a public method, got {method!r:.60}")
+        return Infer(rid, _field(msg, "key", str), msg["inputs"], kwargs, method)
     if op == "load":
         replace = msg.get("replace", True)
         if not isinstance(replace, bool):

@@ -281,7 +281,7 @@ class ModelServer:
                     conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=model_id))
 
             try:
-                batcher.submit(Work(request.inputs, request.kwargs, reply))
+                batcher.submit(Work(request.inputs, request.kwargs, reply, request.method))
                 return
             except InternalError:
                 continue  # swapped for a new version between lookup and submit: look again

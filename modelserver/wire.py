@@ -27,6 +27,16 @@ Arrays of at most INLINE_MAX bytes travel inside the header instead, as
 ExtType(EXT_INLINE_ARRAY) holding the same descriptor followed by the raw bytes: for a
 one-row request that is cheaper than a separate buffer on both sides.
 
+A few plain values that model parameters and inference arguments use travel as
+ExtType(EXT_VALUE) holding a msgpack ``[tag, payload]`` (still data, never pickle):
+
+    tag          payload                        decodes to
+    "dtype"      "float16"                      torch.float16
+    "device"     "cuda:0"                       torch.device("cuda:0")
+    "dataclass"  [class ref, {field: value}]    a ``DataclassValue`` (the class is not
+                                                imported while decoding; the model loader
+                                                builds the instance where it is used)
+
 Limits: H <= MAX_HEADER_BYTES; B <= the receiver's ``max_body`` (the server's
 ``--max-frame-bytes``); the descriptors must add up to exactly B. A frame that breaks a
 limit raises ``FrameTooLarge`` or ``ProtocolError``; the caller then closes the
@@ -38,6 +48,7 @@ A clean EOF between frames is ``FrameReader.read() -> None``; an EOF inside a fr
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import sys
@@ -55,6 +66,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BODY = 1 << 30
 EXT_ARRAY = 1
 EXT_INLINE_ARRAY = 2
+EXT_VALUE = 3
 INLINE_MAX = 4096
 _IOV_BATCH = 512
 
@@ -96,14 +108,54 @@ def _is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+class DataclassValue:
+    """A dataclass instance as it arrived: the class named (``userclass.describe``) and
+    its init fields. ``modelserver.loaders.materialize`` turns it into the instance; it
+    encodes back to the same bytes, so a spec that holds one round-trips unchanged."""
+
+    __slots__ = ("ref", "fields")
+
+    def __init__(self, ref: dict[str, Any], fields: dict[str, Any]) -> None:
+        self.ref = ref
+        self.fields = fields
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DataclassValue) and (self.ref, self.fields) == (other.ref, other.fields)
+
+    def __hash__(self) -> int:
+        return hash(self.ref.get("name"))
+
+    def __repr__(self) -> str:
+        return f"{self.ref.get('name')}(**{self.fields!r})"
+
+
+def _plain_value(obj: Any) -> tuple[str, Any] | None:
+    """(tag, payload) for the plain values EXT_VALUE carries, None for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(obj, torch.dtype):
+            return ("dtype", str(obj).removeprefix("torch."))
+        if isinstance(obj, torch.device):
+            return ("device", str(obj))
+    if isinstance(obj, DataclassValue):
+        return ("dataclass", [obj.ref, obj.fields])
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        from modelserver import userclass
+
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+        return ("dataclass", [userclass.describe(type(obj)), fields])
+    return None
+
+
 class _Encoder:
     """Collects the raw buffers of the arrays met while packing one message."""
 
-    __slots__ = ("buffers", "nbytes")
+    __slots__ = ("buffers", "nbytes", "fallback")
 
-    def __init__(self) -> None:
+    def __init__(self, fallback: Any = None) -> None:
         self.buffers: list[memoryview] = []
         self.nbytes = 0
+        self.fallback = fallback  # for fingerprints of values that never travel
 
     def default(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -120,7 +172,16 @@ class _Encoder:
             return dict(obj)
         if isinstance(obj, list):
             return list(obj)
-        raise TypeError(f"cannot send a {type(obj).__name__} on the wire (no pickle): {obj!r:.80}")
+        plain = _plain_value(obj)
+        if plain is not None:
+            payload = msgpack.packb(list(plain), default=self.default, use_bin_type=True, strict_types=True)
+            return msgpack.ExtType(EXT_VALUE, payload)
+        if self.fallback is not None:
+            return self.fallback(obj)
+        raise TypeError(
+            f"cannot send a {type(obj).__name__} on the wire (no pickle; plain data, arrays, "
+            f"torch dtypes and devices, and dataclasses travel): {obj!r:.80}"
+        )
 
     def _array(self, kind: int, arr: np.ndarray, code: int | None = None) -> msgpack.ExtType:
         if code is None:
@@ -168,6 +229,8 @@ class _Decoder:
         self.limit = limit
 
     def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_VALUE:
+            return self._value(data)
         if code not in (EXT_ARRAY, EXT_INLINE_ARRAY) or len(data) < 3:
             raise ProtocolError(f"unknown or malformed msgpack extension (type {code})")
         kind, dtype_code, ndim = _DESC.unpack_from(data)
@@ -206,6 +269,46 @@ class _Decoder:
             holder = t.view(torch.uint16) if dtype_code == BF16 else t
             self.views.append(memoryview(holder.numpy()).cast("B"))
         return t
+
+    def _value(self, data: bytes) -> Any:
+        try:
+            tag, payload = msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False)
+        except ProtocolError:
+            raise
+        except Exception:
+            raise ProtocolError("malformed value extension") from None
+        if tag == "dtype" and isinstance(payload, str):
+            dtype = getattr(_torch_module(), payload, None)
+            if isinstance(dtype, _torch.dtype):
+                return dtype
+        elif tag == "device" and isinstance(payload, str):
+            try:
+                return _torch_module().device(payload)
+            except (RuntimeError, ValueError):
+                pass
+        elif (
+            tag == "dataclass"
+            and isinstance(payload, list)
+            and len(payload) == 2
+            and isinstance(payload[0], dict)
+            and isinstance(payload[1], dict)
+        ):
+            return DataclassValue(payload[0], payload[1])
+        raise ProtocolError(f"malformed value extension {tag!r:.40}")
+
+
+def fingerprint(value: Any, fallback: Any = None) -> str:
+    """A stable hash of a value as the wire would carry it (arrays by their bytes).
+    ``fallback(obj)`` stands in for what the wire cannot carry (for a model that stays
+    in-process); without one such a value raises TypeError."""
+    import hashlib
+
+    enc = _Encoder(fallback)
+    header = msgpack.packb(value, default=enc.default, use_bin_type=True, strict_types=True)
+    h = hashlib.sha256(header)
+    for buf in enc.buffers:
+        h.update(buf)
+    return h.hexdigest()
 
 
 def encode(message: Any) -> tuple[bytes, list[memoryview]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,11 +42,11 @@ class Gate(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
         self.ballast = nn.Linear(d, d, bias=False) if d else None  # 4 * d * d bytes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, note: str = "") -> torch.Tensor:
         deadline = time.monotonic() + self.limit
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.005)
-        return x * self.scale
+        return x * self.scale + (0 if t is None else t.sum())
 
 
 def make_checkpoint(path: str, seed: int = 0, **params: int) -> nn.Module:
@@ -75,3 +76,66 @@ def make_blob(path: str, megabytes: float, seed: int = 0) -> nn.Module:
     model = Blob(blob_side(megabytes))
     torch.save(model.state_dict(), path)
     return model.eval()
+
+
+class KeyedWithArgs(nn.Module):
+    """Keyed-tensor model with side arguments (Beam's
+    PytorchLinearRegressionKeyedBatchAndExtraInferenceArgs, with arguments that change the
+    numbers): ``offset`` is a tensor of shape [4] (as many rows as the tests' batches, so a
+    runtime that guessed "batch input" from the leading dimension would get it wrong)."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(d, 4)
+
+    def forward(self, k1: torch.Tensor, k2: torch.Tensor, offset: torch.Tensor, scale: float = 1.0):
+        return (self.lin(k1) + self.lin(k2)) * scale + offset
+
+    def generate(self, k1: torch.Tensor, k2: torch.Tensor, offset: torch.Tensor, scale: float = 1.0):
+        return self.forward(k1, k2, offset, scale) + 0.5
+
+
+class WithGenerate(MLP):
+    """An MLP with a second public method, as Beam's test models have."""
+
+    def generate(self, x: torch.Tensor, bias: float = 0.5) -> torch.Tensor:
+        return self.forward(x) + bias
+
+    def _private(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class EnvProbe(nn.Module):
+    """Its output is x * float($BEAMLET_TEST_ENV) in the process that runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(os.environ.get("BEAMLET_TEST_ENV", "0"))
+
+
+class TypedParams(nn.Module):
+    """Takes model_params that are not plain data: a torch dtype and a dataclass."""
+
+    def __init__(self, dtype: torch.dtype, config: LayerConfig):
+        super().__init__()
+        if not isinstance(dtype, torch.dtype) or not isinstance(config, LayerConfig):
+            raise TypeError(f"got {type(dtype).__name__} and {type(config).__name__}")
+        self.lin = nn.Linear(config.d_in, config.d_out).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        y = self.lin(x.to(self.dtype))
+        return y if out_dtype is None else y.to(out_dtype)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    d_in: int = 8
+    d_out: int = 3
+
+
+class PlainDict(dict):
+    """A dict subclass torch.load(weights_only=True) refuses to unpickle."""

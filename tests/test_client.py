@@ -331,7 +331,8 @@ def test_large_model_on_the_gpu(ckpt, sock_path):
 
 def test_bad_handler_configurations_are_clear(ckpt, private_dir):
     _, path = ckpt
-    with pytest.raises(ValueError, match="needs model_class"):
+    # Beam's words, and RuntimeErrors as Beam's (ValueErrors too).
+    with pytest.raises(RuntimeError, match="the required model_class is missing"):
         PytorchModelHandlerTensor(path)
     with pytest.raises(ValueError, match="either torch_script_model_path"):
         PytorchModelHandlerTensor(path, MLP, torch_script_model_path=path)

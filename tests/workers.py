@@ -7,6 +7,17 @@ import threading
 import torch
 
 
+def run_threads(work, n: int, errors: list[BaseException]) -> None:
+    """Run work(0..n-1) on n threads; raise the first error any of them reported."""
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows: int) -> dict:
     """M threads in this process each run RunInference(large_model=True) on their own data;
     returns the server's outputs and torch's in-process outputs for comparison."""
@@ -35,13 +46,7 @@ def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows
         except BaseException as exc:  # reported to the parent
             errors.append(exc)
 
-    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_threads(work, threads, errors)
     return {t: (a, b, ids) for t, (a, b, ids) in out.items()}
 
 
@@ -88,3 +93,46 @@ def keyed_workload(sock: str, models: dict, seed: int, n: int) -> dict:
             if rkey != key or not torch.allclose(r.inference, local[key](x[None])[0], atol=1e-4):
                 bad += 1
     return {"n": len(results), "bad": bad}
+
+
+def keyed_side_args(path: str, sock: str, proc_index: int, threads: int, calls: int) -> dict:
+    """T threads, each making ``calls`` RunInference calls through one large-model
+    PytorchModelHandlerKeyedTensor, every call with its own tensor ``offset`` and float
+    ``scale`` inference_args; every result compared with the same call in this process."""
+    from client import PytorchModelHandlerKeyedTensor, RunInference
+    from tests.models import KeyedWithArgs
+
+    handler = PytorchModelHandlerKeyedTensor(
+        path, KeyedWithArgs, {}, min_batch_size=4, max_batch_size=4, large_model=True, socket_path=sock
+    )
+    local = KeyedWithArgs()
+    local.load_state_dict(torch.load(path, weights_only=True))
+    local.eval()
+    counts = {"requests": 0, "rows": 0, "wrong": 0}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(proc_index * 1000 + t)
+            for c in range(calls):
+                args = {"offset": torch.randn(4, generator=g) * 100, "scale": float(1 + proc_index + t + c)}
+                xs = [
+                    {"k1": torch.randn(4, generator=g), "k2": torch.randn(4, generator=g)} for _ in range(12)
+                ]
+                results = list(xs | RunInference(handler, inference_args=args))
+                wrong = 0
+                with torch.no_grad():
+                    for x, r in zip(xs, results, strict=True):
+                        want = local(x["k1"][None], x["k2"][None], **args)[0]
+                        if r.example is not x or not torch.allclose(r.inference, want, atol=1e-4):
+                            wrong += 1
+                with lock:
+                    counts["requests"] += 1
+                    counts["rows"] += len(results)
+                    counts["wrong"] += wrong
+        except BaseException as exc:  # reported to the parent
+            errors.append(exc)
+
+    run_threads(work, threads, errors)
+    return counts
