@@ -58,7 +58,7 @@ from apache_beam.ml.inference import base as beam_base
 
 from client import autostart
 from client.handlers import ModelHandler as BeamletHandler
-from client.handlers import RemoteModel
+from client.handlers import ConfigurationError, RemoteModel
 from client.inference import models as inference_models
 from client.keyed import KeyModelPathMapping, keyed_handler_of
 from client.keyed import _KeyedModels as BeamletHandlerModels
@@ -102,8 +102,16 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
                 "large_model and model_copies belong to the beamlet handler: "
                 "BeamletModelHandler(PytorchModelHandlerTensor(..., large_model=True))"
             )
+        if beam_kwargs.get("env_vars"):
+            raise ConfigurationError(
+                "env_vars belong to the beamlet handler, which sets them in the SDK worker and "
+                "in the model server: PytorchModelHandlerTensor(..., env_vars={...})"
+            )
         super().__init__(**beam_kwargs)
         self._handler = handler
+        # Beam's DoFn sets these in the SDK worker (set_environment_vars); the beamlet
+        # handler sets them again before its load, in the worker and in the server.
+        self._env_vars = dict(getattr(handler, "_env_vars", {}) or {})
         self._server_idle_timeout = server_idle_timeout
         self._memory_budget = None if memory_budget is None else str(memory_budget)
         self._pending: list[tuple[str, int]] = []  # metric readings from loads, not yet reported
