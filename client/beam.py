@@ -57,9 +57,9 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference import base as beam_base
 
 from client import autostart
-from client.handlers import ModelHandler as BeamletHandler
+from client.cache import models as inference_models
 from client.handlers import ConfigurationError, RemoteModel
-from client.inference import models as inference_models
+from client.handlers import ModelHandler as BeamletHandler
 from client.keyed import KeyModelPathMapping, keyed_handler_of
 from client.keyed import _KeyedModels as BeamletHandlerModels
 from client.results import PredictionResult as BeamletResult

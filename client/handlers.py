@@ -1,21 +1,20 @@
-"""Model handlers: the user's configuration of a model, with Beam's names and meaning.
+"""The PyTorch handlers: the user's configuration of a model, with Beam's names and meaning.
 
-A handler says how to load a model and how to run a batch through it
-(``apache_beam.ml.inference.base.ModelHandler``). The PyTorch handlers never load
-anything themselves: they describe the model as a ``ModelSpec`` and hand it to
-``modelserver.loaders`` in this process, or to the model server when
-``large_model=True`` (``share_model_across_processes()``).
+They never load anything themselves: they describe the model as a ``ModelSpec`` and hand
+it to ``modelserver.loaders`` in this process, or to the model server when
+``large_model=True`` (``share_model_across_processes()``). The contract they implement,
+``ModelHandler``, is in ``client.base`` (and importable from here).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
+from client.base import ConfigurationError, ModelHandler
 from client.remote import RemoteModel
 from client.results import PredictionResult
 from modelserver import loaders, userclass, wire
@@ -23,177 +22,17 @@ from modelserver.loaders import ModelSpec
 
 log = logging.getLogger("beamlet.handlers")
 
-
-class ConfigurationError(ValueError, RuntimeError):
-    """A handler was configured in a way that cannot work. A RuntimeError too, as Beam
-    raises for the same mistakes, so code written against Beam catches it."""
-
-
-ExampleT = TypeVar("ExampleT")
-PredictionT = TypeVar("PredictionT")
-ModelT = TypeVar("ModelT")
-
-
-class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
-    """How to load a model and run batches through it (Beam's ModelHandler contract)."""
-
-    def __init__(self) -> None:
-        self._cache_token = uuid.uuid4().hex
-
-    def load_model(self) -> ModelT:
-        """Load and return the model. Called once per process; its threads share it."""
-        raise NotImplementedError
-
-    def run_inference(
-        self,
-        batch: Sequence[ExampleT],
-        model: ModelT,
-        inference_args: dict[str, Any] | None = None,
-    ) -> Iterable[PredictionT]:
-        """Run one batch through the model; one prediction per example, in order."""
-        raise NotImplementedError
-
-    def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
-        """Bytes in a batch, for metrics."""
-        total = 0
-        for example in batch:
-            total += _num_bytes(example)
-        return total
-
-    def get_metrics_namespace(self) -> str:
-        return "RunInference"
-
-    def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        """Keyword arguments for batching: min_batch_size, max_batch_size, ..."""
-        return {}
-
-    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
-        """Raise ValueError when the handler cannot take these inference_args."""
-
-    def update_model_path(self, model_path: str | None = None) -> None:
-        """Point the handler at a new model file (None: the same file, re-read); the next
-        load uses what the file holds then. In a running job ``RunInference`` swaps the
-        model when the handler's ``cache_key`` changes."""
-
-    def share_model_across_processes(self) -> bool:
-        """True: one copy of the model per machine, in the model server (large_model)."""
-        return False
-
-    def model_spec(self) -> ModelSpec | None:
-        """The model as data for the model server; None for handlers that only run in-process."""
-        return None
-
-    def model_key(self) -> str:
-        """The key the model is registered under in the model server."""
-        return self.cache_key()
-
-    def cache_key(self) -> str:
-        """Identifies the model version for the per-process cache: handlers with the same
-        key share one loaded model; a new key in the same ``cache_slot`` is a new version."""
-        return self._cache_token
-
-    def cache_slot(self) -> str:
-        """Identifies the model across its versions: one loaded version per slot."""
-        return self.cache_key()
-
-    def model_copies(self) -> int:
-        return 1
-
-    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
-        return []
-
-    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
-        return []
-
-    def with_preprocess_fn(self, fn: Callable[[Any], Any]) -> ModelHandler[Any, PredictionT, ModelT]:
-        """A handler that applies ``fn`` to each example before batching."""
-        return _PreProcessingModelHandler(self, fn)
-
-    def with_postprocess_fn(self, fn: Callable[[Any], Any]) -> ModelHandler[ExampleT, Any, ModelT]:
-        """A handler that applies ``fn`` to each prediction."""
-        return _PostProcessingModelHandler(self, fn)
-
-
-class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
-    """Delegates everything to the handler it wraps."""
-
-    def __init__(self, base: ModelHandler[Any, Any, Any]):
-        self._base = base
-
-    def load_model(self) -> Any:
-        return self._base.load_model()
-
-    def run_inference(
-        self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[Any]:
-        return self._base.run_inference(batch, model, inference_args)
-
-    def get_num_bytes(self, batch: Sequence[Any]) -> int:
-        return self._base.get_num_bytes(batch)
-
-    def get_metrics_namespace(self) -> str:
-        return self._base.get_metrics_namespace()
-
-    def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        return self._base.batch_elements_kwargs()
-
-    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
-        self._base.validate_inference_args(inference_args)
-
-    def update_model_path(self, model_path: str | None = None) -> None:
-        self._base.update_model_path(model_path)
-
-    def share_model_across_processes(self) -> bool:
-        return self._base.share_model_across_processes()
-
-    def model_spec(self) -> ModelSpec | None:
-        return self._base.model_spec()
-
-    def model_key(self) -> str:
-        return self._base.model_key()
-
-    def cache_key(self) -> str:
-        return self._base.cache_key()
-
-    def cache_slot(self) -> str:
-        return self._base.cache_slot()
-
-    def model_copies(self) -> int:
-        return self._base.model_copies()
-
-    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
-        return self._base.get_preprocess_fns()
-
-    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
-        return self._base.get_postprocess_fns()
-
-    def __getattr__(self, name: str) -> Any:
-        # Only for names this class lacks. Read __dict__: while unpickling, _base does
-        # not exist yet, and self._base would call __getattr__ again, forever.
-        base = self.__dict__.get("_base")
-        if base is None:
-            raise AttributeError(name)
-        return getattr(base, name)
-
-
-class _PreProcessingModelHandler(_WrappingModelHandler):
-    def __init__(self, base: ModelHandler[Any, Any, Any], fn: Callable[[Any], Any]):
-        super().__init__(base)
-        self._fn = fn
-
-    def get_preprocess_fns(self) -> list[Callable[[Any], Any]]:
-        # Beam order: the most recently added preprocess fn runs first.
-        return [self._fn, *self._base.get_preprocess_fns()]
-
-
-class _PostProcessingModelHandler(_WrappingModelHandler):
-    def __init__(self, base: ModelHandler[Any, Any, Any], fn: Callable[[Any], Any]):
-        super().__init__(base)
-        self._fn = fn
-
-    def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
-        return [*self._base.get_postprocess_fns(), self._fn]
-
+__all__ = [
+    "ConfigurationError",
+    "ModelHandler",
+    "PytorchModelHandlerKeyedTensor",
+    "PytorchModelHandlerTensor",
+    "RemoteModel",
+    "default_keyed_tensor_inference_fn",
+    "default_tensor_inference_fn",
+    "make_keyed_tensor_model_fn",
+    "make_tensor_model_fn",
+]
 
 InferenceFn = Callable[..., Iterable[PredictionResult]]
 
@@ -590,15 +429,3 @@ class PytorchModelHandlerKeyedTensor(_PytorchHandler):
     (Beam's PytorchModelHandlerKeyedTensor)."""
 
     _default_fn = staticmethod(default_keyed_tensor_inference_fn)
-
-
-def _num_bytes(example: Any) -> int:
-    if hasattr(example, "element_size") and hasattr(example, "nelement"):
-        return int(example.element_size() * example.nelement())
-    if hasattr(example, "nbytes"):
-        return int(example.nbytes)
-    if isinstance(example, dict):
-        return sum(_num_bytes(v) for v in example.values())
-    if isinstance(example, (list, tuple)):
-        return sum(_num_bytes(v) for v in example)
-    return len(str(example))

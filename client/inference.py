@@ -12,240 +12,23 @@ process holds only a ``RemoteModel`` and the model lives in the model server.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from client import batching, refresh
+from client.cache import ModelCache, models
 from client.handlers import ModelHandler
+from client.metrics import InferenceMetrics
 from client.refresh import ModelUpdateSource, Update
 from client.results import ModelMetadata
 
+__all__ = ["InferenceMetrics", "ModelCache", "RunInference", "models"]
+
 log = logging.getLogger("beamlet.inference")
 PIPELINE_DEPTH = 2  # batches in flight to the model server per RunInference.run
-
-
-@dataclass
-class _Slot:
-    """One model in this process across its versions."""
-
-    version: str  # the handler's cache_key the model was loaded for
-    model: Any
-    loading: str | None = None  # the version now loading in the background
-    rejected: set[str] = field(default_factory=set)  # versions that failed to load
-    load_ms: list[int] = field(default_factory=list)  # background loads not yet reported
-    nbytes: list[int] = field(default_factory=list)
-
-
-class ModelCache:
-    """Models loaded in this process, one per handler ``cache_slot``; one load per slot
-    even when many threads ask at once.
-
-    A new version (the handler's ``cache_key`` changed: ``update_model_path``) loads on a
-    background thread while every thread keeps using the current one; once loaded it
-    replaces it for the next batch, and the old one is freed when its last batch ends. A
-    version that fails to load is rejected with a logged error and the current one keeps
-    serving; it is not retried until the handler changes version again.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._after_fork)
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._loading: dict[str, threading.Lock] = {}
-        self._slots: dict[str, _Slot] = {}
-
-    def _after_fork(self) -> None:
-        # Models stay (copy-on-write); locks another thread held at fork time must not,
-        # nor a background load that belonged to a thread the child does not have.
-        slots = self._slots
-        self._reset()
-        for slot in slots.values():
-            slot.loading = None
-        self._slots = slots
-
-    def get(self, handler: ModelHandler[Any, Any, Any], metrics: InferenceMetrics | None = None) -> Any:
-        """The handler's model, loading it on first use (the load is timed into ``metrics``)."""
-        name = handler.cache_slot()
-        with self._lock:
-            slot = self._slots.get(name)
-            if slot is not None:
-                # Read the version under the lock: a key read before an update whose load
-                # has since finished would otherwise start a load "back" to it.
-                want = handler.cache_key()
-                if slot.version != want and want not in slot.rejected and slot.loading is None:
-                    slot.loading = want
-                    threading.Thread(
-                        target=self._load_version,
-                        args=(handler, name),
-                        name="model-update",
-                        daemon=True,
-                    ).start()
-                if metrics is not None and slot.load_ms:
-                    metrics.load_model_latency_milli_secs.extend(slot.load_ms)
-                    metrics.model_byte_size.extend(slot.nbytes)
-                    slot.load_ms, slot.nbytes = [], []
-                return slot.model
-            lock = self._loading.setdefault(name, threading.Lock())
-        with lock:
-            with self._lock:
-                if name in self._slots:
-                    return self._slots[name].model
-            want = handler.cache_key()
-            model, ms = _timed_load(handler)
-            if metrics is not None:
-                metrics.load_model_latency_milli_secs.append(ms)
-                metrics.model_byte_size.append(_model_bytes(model))
-            with self._lock:
-                self._slots[name] = _Slot(want, model)
-                self._loading.pop(name, None)
-            return model
-
-    def _load_version(self, handler: ModelHandler[Any, Any, Any], name: str) -> None:
-        # The version is read just before the load reads the handler's spec: if the
-        # handler changes again meanwhile, the next get() sees the difference and loads.
-        want = handler.cache_key()
-        try:
-            model, ms = _timed_load(handler)
-        except Exception as exc:
-            log.error(
-                "model update rejected, the current version keeps serving: %s: %s", type(exc).__name__, exc
-            )
-            with self._lock:
-                slot = self._slots[name]
-                slot.rejected.add(want)
-                slot.loading = None
-                self._changed.notify_all()
-            return
-        with self._lock:
-            slot = self._slots[name]
-            slot.version, slot.model, slot.loading = want, model, None
-            slot.load_ms.append(ms)
-            slot.nbytes.append(_model_bytes(model))
-            self._changed.notify_all()
-        log.info("model %s updated to %s", name, getattr(model, "model_id", want))
-
-    def wait_for(self, handler: ModelHandler[Any, Any, Any], timeout: float = 60.0) -> bool:
-        """Wait until the handler's current version is loaded (or rejected); True when
-        it serves. For tests and tools; a running job never waits."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.get(handler)  # starts the load if none runs
-            with self._changed:
-                slot = self._slots.get(handler.cache_slot())
-                want = handler.cache_key()
-                if slot is not None and slot.loading is None:
-                    if slot.version == want:
-                        return True
-                    if want in slot.rejected:
-                        return False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(min(remaining, 0.1))
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Wait until no new version is loading; True if none is."""
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: all(slot.loading is None for slot in self._slots.values()), timeout
-            )
-
-    def drop(self, handler: ModelHandler[Any, Any, Any]) -> None:
-        with self._lock:
-            self._slots.pop(handler.cache_slot(), None)
-
-
-def _timed_load(handler: ModelHandler[Any, Any, Any]) -> tuple[Any, int]:
-    started = time.perf_counter()
-    model = handler.load_model()
-    return model, int((time.perf_counter() - started) * 1000)
-
-
-models = ModelCache()
-
-
-def _model_bytes(model: Any) -> int:
-    nbytes = getattr(model, "nbytes", None)  # a RemoteModel knows its size in the server
-    if isinstance(nbytes, int):
-        return nbytes
-    try:
-        from modelserver.loaders import tensor_bytes
-
-        return tensor_bytes(model)
-    except Exception:
-        return 0
-
-
-@dataclass
-class InferenceMetrics:
-    """Counters and distributions with Beam's RunInference metric names."""
-
-    num_inferences: int = 0
-    inference_request_batch_size: list[int] = field(default_factory=list)
-    inference_request_batch_byte_size: list[int] = field(default_factory=list)
-    inference_batch_latency_micro_secs: list[int] = field(default_factory=list)
-    load_model_latency_milli_secs: list[int] = field(default_factory=list)
-    model_byte_size: list[int] = field(default_factory=list)
-    failed_batches_counter: int = 0
-    model_name: str = ""  # after a named model update: Beam prefixes the names with it
-
-    def named(self) -> dict[str, Any]:
-        """Beam's metric names (``<model_name>_num_inferences`` after a named update),
-        with each distribution summarised as count, mean, p50, p99 and max."""
-        prefix = f"{self.model_name}_" if self.model_name else ""
-        out: dict[str, Any] = {
-            f"{prefix}num_inferences": self.num_inferences,
-            f"{prefix}failed_batches_counter": self.failed_batches_counter,
-        }
-        for name in _DISTRIBUTIONS:
-            values = sorted(getattr(self, name))
-            out[f"{prefix}{name}"] = {
-                "count": len(values),
-                "mean": round(sum(values) / len(values), 2) if values else 0.0,
-                "p50": _percentile(values, 50),
-                "p99": _percentile(values, 99),
-                "max": values[-1] if values else 0,
-            }
-        return out
-
-    def merge(self, other: InferenceMetrics) -> None:
-        self.num_inferences += other.num_inferences
-        self.failed_batches_counter += other.failed_batches_counter
-        self.model_name = self.model_name or other.model_name
-        for name in _DISTRIBUTIONS:
-            getattr(self, name).extend(getattr(other, name))
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> InferenceMetrics:
-        return cls(**data)
-
-
-_DISTRIBUTIONS = (
-    "inference_request_batch_size",
-    "inference_request_batch_byte_size",
-    "inference_batch_latency_micro_secs",
-    "load_model_latency_milli_secs",
-    "model_byte_size",
-)
-
-
-def _percentile(ordered: list[int], q: float) -> float:
-    if not ordered:
-        return 0.0
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return float(ordered[k])
 
 
 class RunInference:
@@ -335,32 +118,9 @@ class RunInference:
         """Lazily run over any iterable, batching as the handler asks. Failed examples
         (with exception handling on) collect in ``self.failed``."""
         sizer = batching.from_kwargs(dict(self.handler.batch_elements_kwargs()))
-        items: Iterable[Any] = examples
-        for fn in self.handler.get_preprocess_fns():
-            items = map(fn, items)
-        if not self.handler.share_model_across_processes():
-            for batch in batching.batches(items, sizer):
-                self._poll_updates()
-                results, failed = self._run_batch(batch, sizer, self._current_metrics())
-                self.failed.extend(failed)
-                yield from results
-            return
-        # The model is in the server: keep the next batch in flight while this thread
-        # makes and unpacks the others, so the client's work overlaps the server's.
-        with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="runinference") as pool:
-            in_flight: deque[Future[tuple[list[Any], list[tuple[Any, str]]]]] = deque()
-            for batch in batching.batches(items, sizer):
-                self._poll_updates()
-                in_flight.append(pool.submit(self._run_batch, batch, sizer, self._current_metrics()))
-                if len(in_flight) > PIPELINE_DEPTH:
-                    yield from self._collect(in_flight.popleft())
-            while in_flight:
-                yield from self._collect(in_flight.popleft())
-
-    def _collect(self, future: Future[tuple[list[Any], list[tuple[Any, str]]]]) -> list[Any]:
-        results, failed = future.result()
-        self.failed.extend(failed)
-        return results
+        for results, failed in self._batches(examples, sizer, self._current_metrics, poll=True):
+            self.failed.extend(failed)
+            yield from results
 
     def process_bundle(
         self, elements: list[Any], metrics: InferenceMetrics
@@ -368,16 +128,45 @@ class RunInference:
         """Run over one bundle (a worker's unit of work): (results, failed examples)."""
         if self._sizer is None:  # one sizer per process, learning across bundles
             self._sizer = batching.from_kwargs(dict(self.handler.batch_elements_kwargs()))
-        sizer = self._sizer
-        for fn in self.handler.get_preprocess_fns():
-            elements = [fn(x) for x in elements]
         results: list[Any] = []
         failed: list[tuple[Any, str]] = []
-        for batch in batching.batches(elements, sizer):
-            ok, bad = self._run_batch(batch, sizer, metrics)
+        for ok, bad in self._batches(elements, self._sizer, lambda: metrics, poll=False):
             results.extend(ok)
             failed.extend(bad)
         return results, failed
+
+    def _batches(
+        self,
+        examples: Iterable[Any],
+        sizer: batching.BatchSizer,
+        metrics: Callable[[], InferenceMetrics],
+        *,
+        poll: bool,
+    ) -> Iterator[tuple[list[Any], list[tuple[Any, str]]]]:
+        """The one run path: preprocess, batch, infer, postprocess; (results, failed) per
+        batch, in order. ``poll``: look for model updates before each batch (a run that
+        owns its source; under the harness, the harness polls). A model in the server
+        keeps the next batches in flight (``PIPELINE_DEPTH``) while this thread makes
+        and unpacks the others, so the client's work overlaps the server's."""
+        items: Iterable[Any] = examples
+        for fn in self.handler.get_preprocess_fns():
+            items = map(fn, items)
+        depth = PIPELINE_DEPTH if poll and self.handler.share_model_across_processes() else 0
+        if not depth:
+            for batch in batching.batches(items, sizer):
+                if poll:
+                    self._poll_updates()
+                yield self._run_batch(batch, sizer, metrics())
+            return
+        with ThreadPoolExecutor(depth, thread_name_prefix="runinference") as pool:
+            in_flight: deque[Future[tuple[list[Any], list[tuple[Any, str]]]]] = deque()
+            for batch in batching.batches(items, sizer):
+                self._poll_updates()
+                in_flight.append(pool.submit(self._run_batch, batch, sizer, metrics()))
+                if len(in_flight) > depth:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
 
     def _run_batch(
         self, batch: list[Any], sizer: batching.BatchSizer, metrics: InferenceMetrics
@@ -397,8 +186,5 @@ class RunInference:
             return [], [(x, error) for x in batch]
         elapsed = time.perf_counter() - t1
         sizer.record(len(batch), elapsed)
-        metrics.num_inferences += len(batch)
-        metrics.inference_request_batch_size.append(len(batch))
-        metrics.inference_request_batch_byte_size.append(handler.get_num_bytes(batch))
-        metrics.inference_batch_latency_micro_secs.append(int(elapsed * 1e6))
+        metrics.record_batch(len(batch), handler.get_num_bytes(batch), elapsed)
         return results, []

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from client.cache import ModelCache, models
 from client.handlers import ModelHandler
 
 
@@ -53,13 +54,11 @@ class KeyModelPathMapping:
 class _KeyedModels:
     """What KeyedModelHandler.load_model returns: the per-key models, loaded on demand.
 
-    In-process models live in a cache of their own (``client.inference.ModelCache``: new
+    In-process models live in a cache of their own (``client.cache.ModelCache``: new
     versions load aside, rejected ones keep the current one serving), of which at most
     ``max_models_per_worker_hint`` are kept, least recently used first out."""
 
     def __init__(self, handler: KeyedModelHandler):
-        from client.inference import ModelCache
-
         self._handler = handler
         self._lock = threading.Lock()
         self._local: OrderedDict[int, None] = OrderedDict()  # mapping indexes held, oldest use first
@@ -67,8 +66,6 @@ class _KeyedModels:
         self.evictions = 0
 
     def model_for(self, index: int) -> Any:
-        from client.inference import models
-
         mh = self._handler.mappings[index].mh
         if mh.share_model_across_processes():
             return models.get(mh)  # a RemoteModel: the server manages the memory
@@ -140,6 +137,8 @@ class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedMod
         for index, positions in groups.items():
             mh = self.mappings[index].mh
             examples = [batch[p][1] for p in positions]
+            for fn in mh.get_preprocess_fns():  # a mapped handler's own, as its postprocess fns below
+                examples = [fn(x) for x in examples]
             results = list(mh.run_inference(examples, model.model_for(index), inference_args))
             for fn in mh.get_postprocess_fns():
                 results = [fn(r) for r in results]
