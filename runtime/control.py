@@ -24,12 +24,14 @@ NamedTuples (PredictionResult) travel as maps. The worker's exit codes:
 
 from __future__ import annotations
 
+import os
+import queue
 import socket
 import threading
 from typing import Any
 
 from modelserver import wire
-from modelserver.errors import ProtocolError
+from modelserver.errors import BeamletError, ProtocolError
 
 EXIT_BOOT_FAILED = 4
 EXIT_LOST_HARNESS = 5
@@ -62,3 +64,47 @@ class ControlChannel:
         except OSError:
             pass
         self.sock.close()
+
+
+class ControlListener:
+    """The harness's end: listens at ``path`` (made 0600; its directory should be
+    private) and gives each worker connection a reader thread, which turns the worker's
+    messages into events ``("message", channel, message)`` on ``events`` and, once the
+    connection ends, ``("closed", channel, None)``. Only the harness loop acts on them."""
+
+    def __init__(self, path: str, events: queue.Queue[tuple[str, Any, Any]]):
+        self.events = events
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(path)
+            os.chmod(path, 0o600)
+            self.sock.listen(64)
+        except BaseException:
+            self.sock.close()
+            raise
+        threading.Thread(target=self._accept_loop, name="harness-accept", daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except OSError:
+                return
+            channel = ControlChannel(sock)
+            threading.Thread(
+                target=self._read_loop, args=(channel,), name="harness-reader", daemon=True
+            ).start()
+
+    def _read_loop(self, channel: ControlChannel) -> None:
+        try:
+            while True:
+                message = channel.read()
+                if message is None:
+                    break
+                self.events.put(("message", channel, message))
+        except (OSError, BeamletError):
+            pass
+        self.events.put(("closed", channel, None))
