@@ -2,14 +2,18 @@
 
 Frames are ``modelserver.wire`` frames (msgpack header, arrays as raw buffers, no
 pickle) over a Unix stream socket that the harness listens on. The worker connects.
+Every message is a map with an ``op``; these are all of them (``MESSAGES`` below is the
+same table as data, and tests keep it, this table, docs/runtime.md and the code that
+sends each message in step):
 
     direction          op              fields
-    worker -> harness  hello           worker, pid, threads
+    worker -> harness  hello           worker, pid, threads   (booted; then the harness replays model updates)
+    worker -> harness  boot_failed     worker, error, traceback   (then the worker exits with EXIT_BOOT_FAILED)
     harness -> worker  bundle          bundle, attempt, elements
     worker -> harness  result          bundle, attempt, outputs, dead_letters, metrics
-    worker -> harness  bundle_failed   bundle, attempt, error (user code raised)
+    worker -> harness  bundle_failed   bundle, attempt, error, traceback   (user code raised)
     worker -> harness  heartbeat       -   (every HEARTBEAT_SECONDS, from its own thread)
-    worker -> harness  boot_failed     error (then the worker exits with EXIT_BOOT_FAILED)
+    harness -> worker  update_model    step, update   (a new model version for RunInference step ``step``)
     harness -> worker  stop            -   (finish in-flight bundles, then exit 0)
 
 Elements, outputs and dead letters are whatever msgpack and the wire's array encoding
@@ -37,6 +41,21 @@ EXIT_BOOT_FAILED = 4
 EXIT_LOST_HARNESS = 5
 EXIT_CRASHED = 6
 HEARTBEAT_SECONDS = 1.0
+
+TO_HARNESS = "worker -> harness"
+TO_WORKER = "harness -> worker"
+
+# op -> (direction, fields besides "op")
+MESSAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hello": (TO_HARNESS, ("worker", "pid", "threads")),
+    "boot_failed": (TO_HARNESS, ("worker", "error", "traceback")),
+    "bundle": (TO_WORKER, ("bundle", "attempt", "elements")),
+    "result": (TO_HARNESS, ("bundle", "attempt", "outputs", "dead_letters", "metrics")),
+    "bundle_failed": (TO_HARNESS, ("bundle", "attempt", "error", "traceback")),
+    "heartbeat": (TO_HARNESS, ()),
+    "update_model": (TO_WORKER, ("step", "update")),
+    "stop": (TO_WORKER, ()),
+}
 
 
 class ControlChannel:

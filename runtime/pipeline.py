@@ -287,6 +287,7 @@ class WriteToJsonLines(Sink):
             self._dead = open(self.dead_letters_path + ".partial", "w", encoding="utf-8")
         for d in dead_letters:
             self._dead.write(json.dumps(to_jsonable(d)) + "\n")
+        self._dead.flush()  # committed: on disk now, not in a buffer until the end
 
     def close(self) -> None:
         for f, path in ((self._f, self.path), (self._dead, self.dead_letters_path)):
