@@ -6,7 +6,8 @@ See docs/runtime.md.
 from client.inference import RunInference
 from client.keyed import KeyModelPathMapping
 from client.results import ModelMetadata
-from runtime.harness import BundleResult, Harness, PipelineError
+from runtime.errors import CannotStart, PipelineError
+from runtime.harness import BundleResult, Harness
 from runtime.pipeline import (
     Collect,
     Create,
@@ -25,6 +26,7 @@ from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
 
 __all__ = [
     "BundleResult",
+    "CannotStart",
     "Collect",
     "Create",
     "FileInfo",

@@ -6,6 +6,8 @@ started as ``python -m runtime.worker`` and import the same file, so what they r
 what you wrote. A progress bar shows on a terminal; a summary prints at the end; dead
 letters, if any, are written beside the output as ``<output>.dead_letters.jsonl``.
 ``--watch-model PATTERN`` swaps in new model versions while the job runs (docs/refresh.md).
+``--deterministic``: the same input gives bitwise the same output in every run. The
+input and the output are checked before any process starts.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import logging
 import signal
 import sys
 
-from runtime.harness import Harness, PipelineError
-from runtime.pipeline import WriteToJsonLines, to_jsonable
+from runtime.errors import CannotStart, PipelineError
+from runtime.harness import Harness
 from runtime.watch import DEFAULT_SETTLE, WatchFilePattern
 from runtime.worker import load_pipeline
 
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         help="while the job runs, swap in the newest model file matching PATTERN (every RunInference step)",
     )
     run.add_argument("--watch-interval", type=float, default=60.0, metavar="SECONDS")
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bitwise the same output in every run: no request merging in the model server, fixed batch sizes",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--log-level", default="WARNING")
@@ -78,18 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         progress=False if args.no_progress else None,
         pipeline_ref=args.pipeline,
         pipeline_args=(args.input, args.output),
+        deterministic=args.deterministic,
     )
     try:
         summary = harness.run(pipeline)
+    except CannotStart as exc:
+        print(f"runtime: cannot start: {exc}", file=sys.stderr)
+        return 1
     except PipelineError as exc:
         print(f"runtime: the run failed: {exc}", file=sys.stderr)
         return 1
-    if summary.dead_letters and isinstance(pipeline.sink, WriteToJsonLines):
-        path = pipeline.sink.path + ".dead_letters.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for d in summary.dead_letters:
-                f.write(json.dumps(to_jsonable(d)) + "\n")
-        print(f"dead letters: {path}", file=sys.stderr)
+    dead_letters_path = getattr(pipeline.sink, "dead_letters_path", None)
+    if summary.dead_letter_count and dead_letters_path:
+        print(f"dead letters: {dead_letters_path}", file=sys.stderr)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary)
     if summary.interrupted:
         return 128 + int(signal.Signals[summary.interrupted])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from client.inference import InferenceMetrics, RunInference, models
+from runtime.errors import CannotStart
 
 
 class Step:
@@ -136,6 +138,10 @@ class Source:
     def read(self) -> Iterator[Any]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise CannotStart, in one line, if ``read()`` cannot work (a missing file).
+        The harness calls it before it starts any process."""
+
     def count(self) -> int | None:
         """The number of elements, when known cheaply (for the progress bar)."""
         return None
@@ -144,11 +150,23 @@ class Source:
         return Pipeline.of(self) | other
 
 
-class ReadFromText(Source):
-    """One element per line, without the newline."""
-
+class _FileSource(Source):
     def __init__(self, path: str):
         self.path = path
+
+    def check(self) -> None:
+        if not os.path.exists(self.path):
+            raise CannotStart(f"the input {self.path} does not exist")
+        if os.path.isdir(self.path):
+            raise CannotStart(f"the input {self.path} is a directory, not a file")
+        try:
+            open(self.path, "rb").close()
+        except OSError as exc:
+            raise CannotStart(f"cannot read the input {self.path}: {exc.strerror}") from None
+
+
+class ReadFromText(_FileSource):
+    """One element per line, without the newline."""
 
     def read(self) -> Iterator[str]:
         with open(self.path, encoding="utf-8") as f:
@@ -156,11 +174,8 @@ class ReadFromText(Source):
                 yield line.rstrip("\n")
 
 
-class ReadFromJsonLines(Source):
+class ReadFromJsonLines(_FileSource):
     """One JSON value per line; blank lines are skipped."""
-
-    def __init__(self, path: str):
-        self.path = path
 
     def read(self) -> Iterator[Any]:
         with open(self.path, encoding="utf-8") as f:
@@ -172,11 +187,15 @@ class ReadFromJsonLines(Source):
                         raise ValueError(f"{self.path}:{n}: not JSON: {exc}") from None
 
 
-class ReadFromNpy(Source):
+class ReadFromNpy(_FileSource):
     """The rows of a .npy array (memory-mapped, so a large file is not read at once)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def check(self) -> None:
+        super().check()
+        try:
+            np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise CannotStart(f"the input {self.path} is not a .npy array: {exc}") from None
 
     def read(self) -> Iterator[np.ndarray]:
         arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -201,7 +220,16 @@ class Create(Source):
 
 
 class Sink:
-    """Where committed outputs go, in input order, each bundle once."""
+    """Where committed outputs go, in input order, each bundle once, and the dead letters
+    committed with them. ``write_dead_letters`` keeps them in ``dead_letters`` unless a
+    sink overrides it (the file sinks write them to a file as they come, so a long run's
+    memory does not grow with them)."""
+
+    dead_letters: list[dict[str, Any]]
+
+    def check(self) -> None:
+        """Raise CannotStart, in one line, if the sink cannot work (an output directory
+        that does not exist or cannot be written). Called before any process starts."""
 
     def open(self) -> None:
         pass
@@ -209,17 +237,41 @@ class Sink:
     def write(self, elements: list[Any]) -> None:
         raise NotImplementedError
 
+    def write_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
+        """The dead letters of one committed bundle, committed with its outputs."""
+        if "dead_letters" not in self.__dict__:
+            self.dead_letters = []
+        self.dead_letters.extend(dead_letters)
+
     def close(self) -> None:
         pass
 
 
 class WriteToJsonLines(Sink):
-    """One JSON value per line; tensors and arrays become lists. Written to a temporary
-    file and renamed into place on close, so a failed run leaves no half file."""
+    """One JSON value per line; tensors and arrays become lists. Dead letters go to
+    ``<path>.dead_letters.jsonl`` (``dead_letters_path``) as they are committed, one JSON
+    map a line; that file exists only if the run has dead letters. Both are written to a
+    temporary file (``.partial``) and renamed into place on close, so a failed run leaves
+    no half file."""
 
     def __init__(self, path: str):
         self.path = path
+        self.dead_letters_path = path + ".dead_letters.jsonl"
         self._f: Any = None
+        self._dead: Any = None
+
+    def check(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(self.path):
+            raise CannotStart(f"the output {self.path} is a directory")
+        if not os.path.isdir(directory):
+            what = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise CannotStart(f"the output directory {directory} {what}")
+        try:  # os.access says yes to root on a read-only mount; a real file tells the truth
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".beamlet-check-"):
+                pass
+        except OSError as exc:
+            raise CannotStart(f"cannot write in the output directory {directory}: {exc.strerror}") from None
 
     def open(self) -> None:
         self._f = open(self.path + ".partial", "w", encoding="utf-8")
@@ -228,21 +280,32 @@ class WriteToJsonLines(Sink):
         for e in elements:
             self._f.write(json.dumps(to_jsonable(e)) + "\n")
 
+    def write_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
+        if not dead_letters:
+            return
+        if self._dead is None:
+            self._dead = open(self.dead_letters_path + ".partial", "w", encoding="utf-8")
+        for d in dead_letters:
+            self._dead.write(json.dumps(to_jsonable(d)) + "\n")
+        self._dead.flush()  # committed: on disk now, not in a buffer until the end
+
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            os.replace(self.path + ".partial", self.path)
-            self._f = None
+        for f, path in ((self._f, self.path), (self._dead, self.dead_letters_path)):
+            if f is not None:
+                f.close()
+                os.replace(path + ".partial", path)
+        self._f = self._dead = None
 
     def abort(self) -> None:
-        """The run did not complete: remove the partial file rather than leave half an output."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        try:
-            os.unlink(self.path + ".partial")
-        except FileNotFoundError:
-            pass
+        """The run did not complete: remove the partial files rather than leave half an output."""
+        for f, path in ((self._f, self.path), (self._dead, self.dead_letters_path)):
+            if f is not None:
+                f.close()
+            try:
+                os.unlink(path + ".partial")
+            except FileNotFoundError:
+                pass
+        self._f = self._dead = None
 
 
 class WriteToText(WriteToJsonLines):
@@ -254,10 +317,12 @@ class WriteToText(WriteToJsonLines):
 
 
 class Collect(Sink):
-    """Keeps the outputs in memory (``.values``), for tests and embedding."""
+    """Keeps the outputs in memory (``.values``), and the dead letters
+    (``.dead_letters``), for tests and embedding."""
 
     def __init__(self) -> None:
         self.values: list[Any] = []
+        self.dead_letters: list[dict[str, Any]] = []
 
     def write(self, elements: list[Any]) -> None:
         self.values.extend(elements)

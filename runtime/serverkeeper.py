@@ -1,6 +1,7 @@
 """The harness's hold on the model server: start it if the run needs one and none runs,
 make it serve the run's model versions, start a new one if it dies, stop it at the end
-if this run started it."""
+if this run started it. The server it starts gets the run's environment on top of the
+harness's own (deterministic mode)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import BeamletError, ServerUnavailable
+from runtime.environ import overlay
 
 if TYPE_CHECKING:
     from runtime.pipeline import InferenceStep
@@ -27,14 +29,29 @@ class ServerStartFailed(RuntimeError):
     pass
 
 
+def server_path_for(steps: Iterable[InferenceStep], fallback: str | None) -> str:
+    """The socket of the server a run's shared models use: a handler's own socket path
+    (the first, sorted, when several name one), else ``fallback``, else the default."""
+    paths: set[str | None] = set()
+    for step in steps:
+        handler = step.transform.handler
+        if hasattr(handler, "socket_paths"):
+            paths |= handler.socket_paths()
+        else:
+            paths.add(getattr(handler, "_socket_path", None))
+    explicit = sorted(p for p in paths if p)
+    return config.socket_path(explicit[0] if explicit else fallback)
+
+
 class ServerKeeper:
     """Keeps one model server alive at ``path`` for the length of a run."""
 
     CHECK_INTERVAL = 0.25
 
-    def __init__(self, path: str, server_args: list[str]):
+    def __init__(self, path: str, server_args: list[str], env: Mapping[str, str] | None = None):
         self.path = path
         self.server_args = server_args
+        self.env = dict(env or {})
         self.owned = False
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -44,6 +61,13 @@ class ServerKeeper:
         """Use a server already running at the path, or start one (which we then own)."""
         if autostart.server_alive(self.path):
             log.info("using the model server already running at %s", self.path)
+            if self.env:
+                log.warning(
+                    "the model server already running at %s was not started by this run: "
+                    "it runs with its own settings, not with %s",
+                    self.path,
+                    " ".join(f"{k}={v}" for k, v in sorted(self.env.items())),
+                )
             return
         self.owned = True
         self._spawn()
@@ -65,7 +89,8 @@ class ServerKeeper:
                         raise ServerStartFailed(f"the model server cannot load {step.label}: {exc}") from None
 
     def _spawn(self) -> None:
-        proc = autostart.spawn_server(self.path, self.server_args, idle_timeout=None)
+        with overlay(self.env):  # autostart takes no environment of its own
+            proc = autostart.spawn_server(self.path, self.server_args, idle_timeout=None)
         self._proc = proc
         try:
             autostart.wait_until_serving(self.path, proc)

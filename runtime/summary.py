@@ -1,4 +1,8 @@
-"""What a run reports at its end: counts, throughput, dead letters, per-model metrics."""
+"""What a run reports at its end: counts, throughput, dead letters, per-model metrics.
+
+Its size does not grow with the run's length: dead letters are counted, and only the
+first ``DEAD_LETTER_SAMPLE`` are kept here (all of them went to the sink as they were
+committed); per-model metrics are the summaries ``InferenceMetrics.named()`` gives."""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.inference import InferenceMetrics
+
+DEAD_LETTER_SAMPLE = 100
 
 
 @dataclass
@@ -23,10 +29,18 @@ class RunSummary:
     server_restarts: int = 0
     model_updates: int = 0
     rejected_model_updates: int = 0
-    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)  # the first DEAD_LETTER_SAMPLE
+    dead_letter_count: int = 0
     seconds: float = 0.0
     interrupted: str | None = None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
+        """Count a committed bundle's dead letters; keep the first few as a sample."""
+        self.dead_letter_count += len(dead_letters)
+        room = DEAD_LETTER_SAMPLE - len(self.dead_letters)
+        if room > 0:
+            self.dead_letters.extend(dead_letters[:room])
 
     @property
     def throughput(self) -> float:
@@ -46,7 +60,7 @@ class RunSummary:
             "threads": self.threads,
             "elements_in": self.elements_in,
             "outputs": self.outputs,
-            "dead_letters": len(self.dead_letters),
+            "dead_letters": self.dead_letter_count,
             "bundles": self.bundles,
             "bundle_retries": self.bundle_retries,
             "worker_restarts": self.worker_restarts,
@@ -63,7 +77,7 @@ class RunSummary:
         lines = [
             f"pipeline   {self.pipeline}",
             f"workers    {self.workers} x {self.threads} threads",
-            f"elements   {self.elements_in} in, {self.outputs} out, {len(self.dead_letters)} dead letters",
+            f"elements   {self.elements_in} in, {self.outputs} out, {self.dead_letter_count} dead letters",
             f"time       {self.seconds:.2f}s, {self.throughput:,.0f} elements/s",
             f"recovery   {self.bundle_retries} bundle retries, {self.worker_restarts} worker restarts, "
             f"{self.server_restarts} model-server restarts",

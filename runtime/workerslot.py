@@ -1,5 +1,7 @@
 """A worker process as the harness sees it, and the two ways to start one: fork (the
-steps are inherited as written) or exec ``python -m runtime.worker`` (it imports them)."""
+steps are inherited as written) or exec ``python -m runtime.worker`` (it imports them).
+Either way the worker gets the run's ``env`` (the model server's socket, deterministic
+mode) on top of the harness's own environment."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import Any
 
 import multiprocess
 
-from modelserver import config
 from runtime.control import ControlChannel
+from runtime.environ import child_env
 
 
 @dataclass
@@ -24,7 +26,6 @@ class WorkerSlot:
     process: Any  # multiprocess.Process (fork) or subprocess.Popen (exec)
     started: float = field(default_factory=time.monotonic)
     channel: ControlChannel | None = None
-    in_flight: dict[int, tuple[int, float]] = field(default_factory=dict)  # bundle -> (attempt, deadline)
     last_seen: float = field(default_factory=time.monotonic)
     threads: int = 1
     killed_for: str | None = None
@@ -55,12 +56,12 @@ class WorkerSlot:
             self.process.join(timeout)
 
 
-def fork_worker(control_path: str, worker_id: int, steps: Any, threads: int, socket_path: str | None) -> Any:
+def fork_worker(control_path: str, worker_id: int, steps: Any, threads: int, env: dict[str, str]) -> Any:
     """Fork a worker (the ``multiprocess`` package) that inherits ``steps``."""
     ctx = multiprocess.get_context("fork")
     process = ctx.Process(
         target=_forked_worker,
-        args=(control_path, worker_id, steps, threads, socket_path),
+        args=(control_path, worker_id, steps, threads, env),
         name=f"beamlet-worker-{worker_id}",
         daemon=False,
     )
@@ -74,7 +75,7 @@ def exec_worker(
     pipeline_ref: str,
     pipeline_args: tuple[str | None, str | None],
     threads: int,
-    socket_path: str | None,
+    env: dict[str, str],
     log_level: str = "WARNING",
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m runtime.worker`` for a pipeline file or module, in a process group
@@ -87,19 +88,11 @@ def exec_worker(
     inp, outp = pipeline_args
     cmd += ["--input", inp] if inp else []
     cmd += ["--output", outp] if outp else []
-    env = dict(os.environ)
-    if socket_path:
-        env[config.SOCKET_ENV] = socket_path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, process_group=0)
+    return subprocess.Popen(cmd, env=child_env(env), stdin=subprocess.DEVNULL, process_group=0)
 
 
-def _forked_worker(
-    control_path: str, worker_id: int, steps: Any, threads: int, socket_path: str | None
-) -> None:
-    if socket_path:
-        os.environ[config.SOCKET_ENV] = socket_path
+def _forked_worker(control_path: str, worker_id: int, steps: Any, threads: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
     from runtime.worker import worker_main  # here, so `python -m runtime.worker` is not pre-imported
 
     worker_main(control_path, worker_id, steps, threads)
