@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelserver import loaders, wire
+from modelserver import loaders, memory, wire
 from modelserver.errors import BeamletError, InternalError, OutOfMemory
 
 log = logging.getLogger("beamlet.batcher")
@@ -220,7 +220,7 @@ class Batcher:
         try:
             return loaders.run(self.model, work.inputs, work.kwargs, work.method)
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError" or self._on_oom is None:
+            if not memory.is_cuda_oom(exc) or self._on_oom is None:
                 raise
         self._on_oom()
         return loaders.run(self.model, work.inputs, work.kwargs, work.method)
@@ -239,11 +239,9 @@ def _deliver(work: Work, outputs: Any, error: BeamletError | None) -> None:
 
 
 def _as_error(exc: BaseException, name: str) -> BeamletError:
-    import torch
-
     if isinstance(exc, BeamletError):
         return exc
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    if memory.is_cuda_oom(exc):
         return OutOfMemory(f"model {name} ran out of GPU memory on this batch: {exc}")
     if isinstance(exc, MemoryError):
         return OutOfMemory(f"model {name} ran out of host memory on this batch")

@@ -129,3 +129,14 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory: ``torch.cuda.OutOfMemoryError``, or
+    a RuntimeError that says so (what some torch operations raise instead). The one test
+    for it: loads, batches and the loaders all ask here."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
