@@ -11,16 +11,19 @@ import inspect
 import logging
 import os
 import threading
+import traceback
 import zipfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from modelserver import userclass, wire
-from modelserver.errors import BadInput, BadRequest, ModelLoadError
+from modelserver import memory, userclass, wire
+from modelserver.errors import BadInput, BadRequest, ModelError, ModelLoadError
 
 log = logging.getLogger("beamlet.loaders")
 
 LOADERS = ("pytorch_state_dict", "torchscript")
+MAX_ERROR_TEXT = 4000  # characters of a model's failure or a state_dict misfit in an error
+_MODULE_CALL_FILE = os.path.join("torch", "nn", "modules", "module.py")
 _cuda_warned = threading.Event()
 
 
@@ -129,6 +132,7 @@ class LoadedModel:
     nbytes: int
     model_id: str
     methods: frozenset[str] = frozenset({"forward"})
+    signatures: dict[str, inspect.Signature | None] = field(default_factory=dict, repr=False)  # by method
 
 
 def public_methods(module: Any) -> frozenset[str]:
@@ -317,7 +321,7 @@ def check(spec: ModelSpec) -> None:
     try:
         module.load_state_dict(state, assign=True)
     except Exception as exc:
-        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_misfit(exc)}") from None
     finally:
         del state, module
 
@@ -360,7 +364,7 @@ def _build_with_state(spec: ModelSpec, factory: Any, state: Any, path: str) -> A
         try:
             module.load_state_dict(state)
         except Exception as exc:
-            raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_misfit(exc)}") from None
     return module
 
 
@@ -414,6 +418,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _misfit(exc: BaseException) -> str:
+    """torch's whole complaint about a state_dict that does not fit its class (every
+    missing and unexpected key, every shape mismatch), bounded in length."""
+    return f"{type(exc).__name__}: {bounded(str(exc).strip(), MAX_ERROR_TEXT)}"
+
+
 def tensor_bytes(module: Any) -> int:
     """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
     seen: set[int] = set()
@@ -431,8 +441,12 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
     """Call the model on one batch: ``module(inputs, **kwargs)``, or ``module(**inputs,
     **kwargs)`` when inputs is a map of named tensors (keyed tensors); ``method``: one of
     ``loaded.methods`` instead of forward. Outputs come back on the CPU, as ordinary
-    tensors (``no_grad``, as Beam runs models: a postprocess may change them in place). A
-    model that rejects its input raises BadInput naming what it got."""
+    tensors (``no_grad``, as Beam runs models: a postprocess may change them in place).
+
+    Whose fault a failure is: arguments the method's signature does not take are the
+    request's (BadInput, before the model runs); anything the model raises while it runs
+    is ModelError, naming the input and carrying the model's traceback. Running out of
+    memory (CUDA or host) is raised as it is, for the caller to free memory and retry."""
     import torch
 
     if method not in loaded.methods:
@@ -442,6 +456,7 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
     fn = loaded.module if method == "forward" else getattr(loaded.module, method)
     if _has_placeholders(kwargs):
         kwargs = materialize(kwargs)
+    _check_arguments(loaded, method, inputs, kwargs)
     with torch.no_grad():
         moved = _to_device(inputs, loaded.device)
         kwargs = _to_device(kwargs, loaded.device, arrays=False)
@@ -450,13 +465,67 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
                 out = fn(**moved, **kwargs)
             else:
                 out = fn(moved, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise BadInput(
-                f"model {loaded.model_id} rejected input {describe_value(inputs)}: {_first_line(exc)}"
-            ) from None
+        except Exception as exc:
+            if isinstance(exc, MemoryError) or memory.is_cuda_oom(exc):
+                raise
+            raise ModelError(_model_failure(loaded, method, inputs, exc)) from None
         return _to_device(out, "cpu")
+
+
+def _check_arguments(loaded: LoadedModel, method: str, inputs: Any, kwargs: dict[str, Any]) -> None:
+    """BadInput when ``method``'s signature does not take these arguments. A method whose
+    signature Python cannot read (a TorchScript file's) is not checked here: TorchScript
+    checks its arguments itself, inside the call."""
+    if method not in loaded.signatures:
+        fn = loaded.module.forward if method == "forward" else getattr(loaded.module, method)
+        try:
+            loaded.signatures[method] = inspect.signature(fn)
+        except (TypeError, ValueError):
+            loaded.signatures[method] = None
+    signature = loaded.signatures[method]
+    if signature is None:
+        return
+    try:
+        if isinstance(inputs, dict):
+            signature.bind(**inputs, **kwargs)
+        else:
+            signature.bind(inputs, **kwargs)
+    except TypeError as exc:
+        params = ", ".join(str(p.replace(annotation=p.empty)) for p in signature.parameters.values())
+        raise BadInput(
+            f"model {loaded.model_id}: {method}({params}) does not take input {describe_value(inputs)}"
+            f"{' with ' + ', '.join(sorted(kwargs)) if kwargs else ''}: {exc}"
+        ) from None
+
+
+def _model_failure(loaded: LoadedModel, method: str, inputs: Any, exc: BaseException) -> str:
+    """What ModelError says: the input, the exception, and the model's own frames (the
+    first frame, this module's call, and torch's module-call wrappers left out), the
+    innermost kept when it is too long."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)[1:]
+        if not (f.filename.endswith(_MODULE_CALL_FILE) and f.name in ("_call_impl", "_wrapped_call_impl"))
+    ]
+    trace = "".join(traceback.format_list(frames)).rstrip()
+    head = (
+        f"model {loaded.model_id} raised {type(exc).__name__} in {method} on input {describe_value(inputs)}: "
+        f"{bounded(str(exc).strip(), MAX_ERROR_TEXT // 2)}"
+    )
+    return (
+        f"{head}\nthe model's traceback (innermost last):\n{bounded(trace, MAX_ERROR_TEXT // 2, keep='tail')}"
+    )
+
+
+def bounded(text: str, limit: int, *, keep: str = "head") -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was cut; ``keep``:
+    which end stays ("head" or "tail")."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    if keep == "tail":
+        return f"[... {cut} characters cut]\n{text[cut:]}"
+    return f"{text[:limit]}\n[... {cut} characters cut]"
 
 
 def _to_device(value: Any, device: str, *, arrays: bool = True) -> Any:
