@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
 
-from modelserver import config, wire
+from modelserver import config, serverlog, wire
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
+DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="exit after this long with no client connected (default: never)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    serve.add_argument(
+        "--log-file",
+        default=None,
+        metavar="PATH",
+        help="append the log to PATH (created 0600) instead of writing it to stderr",
+    )
+    serve.add_argument(
+        "--log-queue",
+        type=int,
+        default=serverlog.DEFAULT_CAPACITY,
+        metavar="N",
+        help="log records held while the log output is blocked; more are dropped and counted "
+        f"(default {serverlog.DEFAULT_CAPACITY})",
+    )
 
     status = sub.add_parser("status", help="what the server holds and has done")
     _socket_arg(status)
@@ -91,13 +105,19 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    budget = _budget(args.memory_budget)
+    # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
+    # reads costs dropped records, never a blocked request or a server that cannot stop.
+    pump = serverlog.install(args.log_level.upper(), args.log_file, capacity=args.log_queue)
+    try:
+        return _run_server(args, budget)
+    finally:
+        pump.close(timeout=2.0)
+
+
+def _run_server(args: argparse.Namespace, budget: int | None) -> int:
     from modelserver.server import EXIT_ALREADY_RUNNING, AlreadyRunning, ModelServer
 
-    budget = _budget(args.memory_budget)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
     server = ModelServer(
         args.socket,
         memory_budget=budget,
@@ -126,7 +146,7 @@ def _budget(text: str | None) -> int | None:
     if text is None:
         import psutil
 
-        return int(psutil.virtual_memory().available * 0.7)
+        return int(psutil.virtual_memory().available * DEFAULT_BUDGET_SHARE)
     if text.strip().lower() == "none":
         return None
     return config.parse_size(text)

@@ -88,11 +88,13 @@ class Connection:
             try:
                 rest = self._send_nonblocking(parts)
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                failure = f"send failed: {exc}"
+            else:
+                if rest:
+                    self._backlog.append(rest)
+                    self._start_writer()
                 return
-            if rest:
-                self._backlog.append(rest)
-                self._start_writer()
+        self._fail(failure)  # after the lock: it logs
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -18,6 +18,7 @@ from typing import Any
 
 from modelserver import memory, userclass, wire
 from modelserver.errors import BadInput, BadRequest, ModelError, ModelLoadError
+from modelserver.serverlog import DeferredLog
 
 log = logging.getLogger("beamlet.loaders")
 
@@ -222,8 +223,9 @@ def _has_placeholders(value: Any) -> bool:
     return False
 
 
-def resolve_device(requested: str) -> str:
-    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back."""
+def resolve_device(requested: str, notes: DeferredLog | None = None) -> str:
+    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back.
+    ``notes``: where to log, when the caller holds a lock (see ``serverlog``)."""
     import torch
 
     wanted = requested.strip()
@@ -234,23 +236,26 @@ def resolve_device(requested: str) -> str:
             return "cuda" if wanted.upper() in ("GPU", "CUDA") else wanted.lower()
         if not _cuda_warned.is_set():
             _cuda_warned.set()
-            log.warning("device %r requested but CUDA is not usable here; using the CPU", requested)
+            _warn(notes, "device %r requested but CUDA is not usable here; using the CPU", requested)
         return "cpu"
     raise ModelLoadError(f"unknown device {requested!r}; use 'CPU', 'GPU' or 'cuda:N'")
 
 
-def load(spec: ModelSpec, model_class: Any = None, *, owner: str | None = None) -> LoadedModel:
+def load(
+    spec: ModelSpec, model_class: Any = None, *, owner: str | None = None, notes: DeferredLog | None = None
+) -> LoadedModel:
     """Load a model; any failure becomes a ModelLoadError that says what and where.
 
     ``model_class``: the live class (or factory) when the caller has it, as a worker
     loading its own small model does; otherwise the spec's class reference is resolved.
-    ``owner``: who the model is in this process (its key), for ``apply_env_vars``."""
+    ``owner``: who the model is in this process (its key), for ``apply_env_vars``.
+    ``notes``: where its warnings go when the caller holds a lock (the server's load lock)."""
     import torch
 
     spec.validate()
     apply_env_vars(spec.env_vars, owner or spec.model_id)
-    device = resolve_device(spec.device)
-    args = _load_args(spec)
+    device = resolve_device(spec.device, notes)
+    args = _load_args(spec, notes)
     if spec.loader == "torchscript":
         args.pop("weights_only", None)  # TorchScript archives hold no pickled code
         path = _existing(spec.path)
@@ -274,12 +279,13 @@ def load(spec: ModelSpec, model_class: Any = None, *, owner: str | None = None) 
     return LoadedModel(module, device, tensor_bytes(module), spec.model_id, public_methods(module))
 
 
-def _load_args(spec: ModelSpec) -> dict[str, Any]:
+def _load_args(spec: ModelSpec, notes: DeferredLog | None) -> dict[str, Any]:
     """torch.load's keyword arguments: the user's, with weights_only=True unless the user
     turned it off explicitly (said, loudly: the checkpoint's pickled code will run)."""
     args = {k: v for k, v in spec.load_model_args.items() if k != "map_location"}
     if args.get("weights_only", True) is False:
-        log.warning(
+        _warn(
+            notes,
             "loading %s with weights_only=False, as load_model_args asks: this runs code "
             "stored in the checkpoint, in this process",
             spec.path,
@@ -287,6 +293,13 @@ def _load_args(spec: ModelSpec) -> dict[str, Any]:
     else:
         args["weights_only"] = True
     return args
+
+
+def _warn(notes: DeferredLog | None, msg: str, *args: Any) -> None:
+    if notes is not None:
+        notes.warning(log, msg, *args)
+    else:
+        log.warning(msg, *args)
 
 
 def check(spec: ModelSpec) -> None:

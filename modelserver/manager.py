@@ -305,7 +305,7 @@ class ModelManager:
     def load(self, key: str, spec: loaders.ModelSpec, old: ModelSlot | None, notes: DeferredLog) -> ModelSlot:
         """Under the load lock: make room, load, measure, install. A loaded ``old``
         version is retired (``swap.retire``) once the new one serves."""
-        device = loaders.resolve_device(spec.device)
+        device = loaders.resolve_device(spec.device, notes)
         budget = self.budget(device)
         same = old is not None and old.spec == spec and old.footprint
         expected = old.footprint if same and old is not None else estimate_bytes(spec)

@@ -53,6 +53,9 @@ class Nvml:
 
     @classmethod
     def module(cls) -> Any:
+        """The initialised pynvml module, or None. The server calls it once before serving,
+        so its one-time note is not written under a lock a load holds."""
+        failure = None
         with cls._lock:
             if cls._module is None and not cls._failed:
                 try:
@@ -61,9 +64,12 @@ class Nvml:
                     pynvml.nvmlInit()
                     cls._module = pynvml
                 except Exception as exc:  # no library, no driver, no device
-                    log.debug("NVML unavailable: %s", exc)
+                    failure = exc
                     cls._failed = True
-            return cls._module
+            module = cls._module
+        if failure is not None:
+            log.debug("NVML unavailable: %s", failure)
+        return module
 
     @classmethod
     def count(cls) -> int:
@@ -82,8 +88,7 @@ class Nvml:
             return None
         try:
             info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-        except Exception as exc:
-            log.debug("NVML reading of GPU %d failed: %s", index, exc)
+        except Exception:  # no reading (callers fall back); not logged: loads read under their lock
             return None
         return GpuReading(index, int(info.total), int(info.used), int(info.free))
 

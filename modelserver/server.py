@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from modelserver import config, loaders, memory, protocol, wire
+from modelserver import config, loaders, memory, protocol, serverlog, wire
 from modelserver.batcher import Work
 from modelserver.connection import Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
@@ -121,6 +121,7 @@ class ModelServer:
 
         import torch
 
+        memory.Nvml.module()  # NVML's one-time set-up (and its note) now, outside any lock
         with torch.inference_mode():
             torch.nn.Linear(4, 4)(torch.zeros(2, 4))
         # Everything alive now (torch's own hundreds of thousands of objects) lives as long
@@ -329,5 +330,6 @@ class ModelServer:
             "client_pids": clients,
             "requests": self._requests,
             "rejected_peers": self._rejected_peers,
+            "log_records_dropped": serverlog.dropped(),
             "models": self.manager.status(),
         }

@@ -142,6 +142,8 @@ class LogPump:
         capacity: int = DEFAULT_CAPACITY,
         logger: logging.Logger | None = None,
     ):
+        if capacity < 1:
+            raise ValueError(f"a log queue holds at least one record, not {capacity}")
         self.fd = fd
         self.logger = logger if logger is not None else logging.getLogger()
         self._queue: queue.Queue[Any] = queue.Queue(capacity)
@@ -178,7 +180,9 @@ class LogPump:
 _installed: LogPump | None = None
 
 
-def install(level: int | str = logging.INFO, log_file: str | None = None) -> LogPump:
+def install(
+    level: int | str = logging.INFO, log_file: str | None = None, *, capacity: int = DEFAULT_CAPACITY
+) -> LogPump:
     """Route this process's logging through a ``LogPump`` to stderr, or to ``log_file``
     (appended to, created 0600). Python warnings and uncaught thread exceptions go
     through it too, instead of straight to stderr."""
@@ -186,7 +190,7 @@ def install(level: int | str = logging.INFO, log_file: str | None = None) -> Log
     fd = 2
     if log_file:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    pump = LogPump(fd, level=level)
+    pump = LogPump(fd, level=level, capacity=capacity)
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
     _installed = pump

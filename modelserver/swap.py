@@ -41,7 +41,7 @@ def swap(
     manager: ModelManager, key: str, spec: loaders.ModelSpec, old: ModelSlot, notes: DeferredLog
 ) -> ModelSlot:
     """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``."""
-    device = loaders.resolve_device(spec.device)
+    device = loaders.resolve_device(spec.device, notes)
     expected = max(estimate_bytes(spec), old.footprint if old.device == device else 0)
     beside = manager.budget(device) is None or manager.make_room(key, device, expected, notes, wait=False)
     try:

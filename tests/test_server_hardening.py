@@ -3,21 +3,28 @@ sockets, with small torch models made here (tests/hardening_models.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from modelserver import loaders, userclass
+from modelserver import loaders, serverlog, userclass, wire
 from modelserver.channel import Channel
 from modelserver.errors import BadInput, ModelError, ModelLoadError
 from modelserver.loaders import ModelSpec
-from tests.conftest import RunningServer, kill_servers, start_server
+from tests.conftest import ROOT, RunningServer, kill_servers, server_env, start_server
 from tests.hardening_models import Faulty, Wide
-from tests.models import MLP, Blob, make_checkpoint
+from tests.models import MLP, Blob, blob_side, make_blob, make_checkpoint
 
 MB = 1 << 20
 
@@ -36,6 +43,24 @@ def channel(path: str, timeout: float = 30.0) -> Channel:
     ch = Channel(path)
     ch.sock.settimeout(timeout)
     return ch
+
+
+def wait_ready(path: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait until the server answers a hello, each try bounded (conftest's wait_for_server
+    would wait forever on a server that accepts but never answers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect(path)
+                wire.send_frame(s, {"op": "hello", "id": 1, "version": wire.VERSION, "pid": os.getpid()})
+                if wire.FrameReader(s).read()["ok"]:
+                    return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"no answer from the server at {path} within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +143,94 @@ def test_a_misfitting_state_dict_is_reported_whole(plain_server, workdir):
     with pytest.raises(ModelLoadError, match="size mismatch for layers.0.weight") as caught:
         loaders.load(spec_of(Wide, wide, n=300, d=3))
     assert len(str(caught.value)) < loaders.MAX_ERROR_TEXT + 300 and "characters cut" in str(caught.value)
+
+
+# -- 1: logging never blocks serving or stopping --------------------------------------------
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: the next write to ``w`` blocks until ``r`` is read."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    for chunk in (b"x" * 4096, b"x"):
+        try:
+            while True:
+                os.write(w, chunk)
+        except BlockingIOError:
+            pass
+    os.set_blocking(w, True)
+    return r, w
+
+
+def test_the_log_pump_drops_and_counts_instead_of_blocking():
+    r, w = full_pipe()
+    logger = logging.getLogger("beamlet.test-pump")
+    logger.propagate = False
+    pump = serverlog.LogPump(w, capacity=4, logger=logger)
+    try:
+        writer = threading.Thread(target=lambda: [logger.info("record %d", i) for i in range(50)])
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "logging blocked on a full pipe"
+        # the writer thread holds one record, blocked on the pipe; four wait; the rest are gone
+        assert 50 - 4 - 1 <= pump.dropped <= 50 - 4
+        read: list[bytes] = []
+        reader = threading.Thread(target=lambda: read.extend(iter(lambda: os.read(r, 65536), b"")))
+        reader.start()  # now someone reads: what was queued is written
+        deadline = time.monotonic() + 10
+        while not pump._queue.empty():  # noqa: SLF001
+            assert time.monotonic() < deadline, "the queue never drained"
+            time.sleep(0.005)
+        logger.warning("after")  # the next record says how many were lost, then itself
+        assert pump.close(timeout=10)
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    text = b"".join(read).decode()
+    note = f"{pump.dropped} log records were dropped: the log output was not being read"
+    assert note in text and text.index(note) < text.index("after")
+    assert "record 0" in text and "record 49" not in text
+
+
+def test_a_stderr_pipe_nobody_reads_blocks_no_load_eviction_or_sigterm(workdir):
+    """The server logs every load and eviction at INFO into a pipe that is full from the
+    start and never read: every request completes, the log queue (8 records) drops and
+    counts, and SIGTERM stops the server within its deadline."""
+    sizes = {"a": 6, "b": 6, "c": 6}  # MiB; the budget below holds two
+    blobs = {}
+    for i, (key, mb) in enumerate(sizes.items()):
+        path = os.path.join(workdir, f"log-{key}.pt")
+        blobs[key] = (make_blob(path, mb, seed=i), spec_of(Blob, path, d=blob_side(mb)))
+    path = os.path.join(workdir, "log.sock")
+    r, w = full_pipe()
+    args = ["--memory-budget", "15MiB", "--log-level", "DEBUG", "--log-queue", "8"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelserver", "serve", "--socket", path, *args],
+        stderr=w,
+        env=server_env(),
+        cwd=ROOT,
+    )
+    os.close(w)
+    try:
+        wait_ready(path, proc)
+        with channel(path, timeout=20) as ch:
+            for key, (_, spec) in blobs.items():
+                ch.request(load_request(key, spec))
+            for i in range(24):  # round robin over three models where two fit: loads and evictions
+                key = "abc"[i % 3]
+                x = torch.randn(2, blob_side(sizes[key]))
+                out = ch.request({"op": "infer", "key": key, "inputs": x})["outputs"]
+                with torch.inference_mode():
+                    assert torch.allclose(out, blobs[key][0](x), atol=1e-5)
+            status = ch.request({"op": "status"})["status"]
+        evictions = sum(m["evictions"] for m in status["models"])
+        assert evictions >= 8 and sum(m["loads"] for m in status["models"]) == evictions + 2  # two fit
+        assert status["log_records_dropped"] > 0
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(r)
