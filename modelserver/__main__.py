@@ -9,12 +9,25 @@ import sys
 from typing import Any
 
 from modelserver import config, serverlog, wire
+from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
+from modelserver.connection import DEFAULT_MAX_BACKLOG
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
+DETERMINISTIC_ENV = "BEAMLET_DETERMINISTIC"
 DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        return _status(args)
+    return _stop(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; defaults that come from the environment are read now."""
     parser = argparse.ArgumentParser(prog="python -m modelserver", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -57,6 +70,36 @@ def main(argv: list[str] | None = None) -> int:
         help="largest request body accepted (default 1GiB)",
     )
     serve.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_ROWS,
+        metavar="N",
+        help="rows one model's queue may hold; more are refused with Overloaded "
+        f"(default {DEFAULT_MAX_QUEUE_ROWS})",
+    )
+    serve.add_argument(
+        "--max-queue-bytes",
+        type=config.parse_size,
+        default=DEFAULT_MAX_QUEUE_BYTES,
+        metavar="SIZE",
+        help="input bytes one model's queue may hold; more are refused with Overloaded (default 256MiB)",
+    )
+    serve.add_argument(
+        "--max-reply-backlog",
+        type=config.parse_size,
+        default=DEFAULT_MAX_BACKLOG,
+        metavar="SIZE",
+        help="reply bytes a client may leave unread before the server stops reading its "
+        "requests (default 64MiB)",
+    )
+    serve.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0"),
+        help="never merge requests (each is its own forward pass) and use torch's deterministic "
+        f"algorithms (env {DETERMINISTIC_ENV}=1)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=float,
         default=None,
@@ -86,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="ask the server to stop, and wait until it has")
     _socket_arg(stop)
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
-
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "status":
-        return _status(args)
-    return _stop(args)
+    return parser
 
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +160,9 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         memory_budget=budget,
         max_frame_bytes=args.max_frame_bytes,
         idle_timeout=args.idle_timeout,
+        max_reply_backlog=args.max_reply_backlog,
+        limits=QueueLimits(args.max_queue_rows, args.max_queue_bytes),
+        deterministic=args.deterministic,
         gpu_fraction=args.gpu_memory_fraction,
         load_wait=args.load_wait,
         policy=args.eviction_policy,

@@ -14,6 +14,12 @@ A watcher (``pressure``) also evicts idle models when the machine itself runs sh
 
 Registering a key again with a different spec swaps versions (``swap``).
 
+Requests (``submit``) never load on the caller's thread (a connection's reader): a
+request for an evicted model waits beside its slot while one ``reload-<key>`` thread
+loads it, then goes to the model's batcher like any other. Those waiting requests count
+against the same limits as a model's queue (``QueueLimits``); over them the request is
+refused with ``Overloaded``, its ``retry_after`` the model's last load time.
+
 Locks: ``_lock`` guards the registry and is held only for bookkeeping; ``_load_lock``
 serialises loads (so measurements belong to one load) and is held for a whole load.
 Nothing logs under either: records made under the load lock go into a ``DeferredLog``
@@ -32,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelserver import loaders, memory, swap
-from modelserver.batcher import Batcher, BatchStats
-from modelserver.errors import ModelNotFound, OutOfMemory
+from modelserver.batcher import MIN_RETRY_AFTER, Batcher, BatchStats, QueueLimits, Work
+from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
 from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
 from modelserver.pressure import PressureWatcher
@@ -43,6 +49,7 @@ log = logging.getLogger("beamlet.manager")
 
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_LOAD_WAIT = 30.0
+MAX_RELOADS = 5  # a request whose model is evicted again before it runs, this many times, fails
 
 
 @dataclass
@@ -91,8 +98,14 @@ class ModelManager:
         min_free_bytes: int | None = None,
         pressure_interval: float = 1.0,
         host: memory.HostMemory | None = None,
+        limits: QueueLimits | None = None,
+        deterministic: bool = False,
     ):
+        """``limits``: how much each model's queue may hold; ``deterministic``: never merge
+        requests (each runs as its own batch)."""
         self.host = host or memory.HostMemory()
+        self.limits = limits or QueueLimits()
+        self.deterministic = deterministic
         self.budget_bytes = budget_bytes
         self.gpu_fraction = gpu_fraction
         self.load_wait = load_wait
@@ -101,6 +114,7 @@ class ModelManager:
         self._policies: dict[str, GreedyDualSizeFrequency] = {}
         self._gpu_budgets: dict[str, int | None] = {}
         self._slots: dict[str, ModelSlot] = {}
+        self._waiting: dict[str, list[Work]] = {}  # requests for evicted models, by key, while they reload
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._load_lock = threading.Lock()
@@ -163,25 +177,83 @@ class ModelManager:
                 return swap.swap(self, key, spec, slot, notes)
             return self.load(key, spec, slot, notes)
 
-    def get(self, key: str) -> Batcher:
-        """The batcher serving ``key``, pinned (call ``unpin()`` once the request is
-        submitted), reloading an evicted model on demand."""
-        for _attempt in range(5):
+    def submit(self, key: str, work: Work) -> None:
+        """Run ``work`` on ``key``'s model: hand it to the model's batcher (which may run
+        it at once on this thread, or queue it), or, when the model was evicted, park it
+        while a ``reload-<key>`` thread loads the model again. Never loads on this thread.
+        Raises ModelNotFound, or Overloaded when the queue (or the parked requests) are
+        over their limits."""
+        for _attempt in range(3):
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is None:
                     raise ModelNotFound(f"no model registered under key {key!r}")
                 slot.last_used = time.monotonic()
-                if slot.batcher is not None:
-                    slot.stats.hits += 1
-                    self._policy(slot.device).hit(key)
-                    slot.batcher.pin()  # under the lock: no eviction can slip in before submit
-                    return slot.batcher
-                slot.stats.misses += 1
+                batcher = slot.batcher
+                if batcher is None:
+                    slot.stats.misses += 1
+                    self._park(slot, work)
+                    return
+                slot.stats.hits += 1
+                self._policy(slot.device).hit(key)
+                batcher.pin()  # under the lock: no eviction can slip in before submit
+            try:
+                batcher.submit(work)
+                return
+            except InternalError:
+                continue  # swapped for a new version between lookup and submit: look again
+            finally:
+                batcher.unpin()
+        raise InternalError(f"model {key!r} kept being replaced; try again")
+
+    def _park(self, slot: ModelSlot, work: Work) -> None:
+        """Under the lock: hold ``work`` until ``slot``'s model is loaded again, starting
+        the one reload thread for the key if it is not running."""
+        waiting = self._waiting.get(slot.key)
+        rows, nbytes = sum(w.rows for w in waiting or ()), sum(w.nbytes for w in waiting or ())
+        if waiting and not self.limits.hold(rows + work.rows, nbytes + work.nbytes):
+            slot.batch_stats.overloaded += 1
+            raise Overloaded(
+                f"model {slot.key} is loading and {len(waiting)} requests already wait for it; retry later",
+                retry_after=round(max(slot.stats.last_load_seconds, MIN_RETRY_AFTER), 4),
+            )
+        if waiting is None:
+            waiting = self._waiting[slot.key] = []
+            threading.Thread(
+                target=self._reload_waiting, args=(slot.key,), name=f"reload-{slot.key}", daemon=True
+            ).start()
+        waiting.append(work)
+
+    def _reload_waiting(self, key: str) -> None:
+        """The ``reload-<key>`` thread: load the model, then submit what waited for it
+        (or fail it with the load's error)."""
+        error: BeamletError | None = None
+        try:
             self._reload(key)
-        raise OutOfMemory(
-            f"model {key!r} was evicted again each time it was reloaded; the budget is too tight"
-        )
+        except BeamletError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("reloading %s failed", key)
+            error = InternalError(f"reloading {key!r} failed: {type(exc).__name__}: {exc}")
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+        for work in waiting:
+            work.reloads += 1
+            if error is None and work.reloads > MAX_RELOADS:
+                work.finish(
+                    None,
+                    OutOfMemory(
+                        f"model {key!r} was evicted again each time it was reloaded; the budget is too tight"
+                    ),
+                )
+                continue
+            if error is not None:
+                work.finish(None, error)
+                continue
+            try:
+                self.submit(key, work)
+            except BeamletError as exc:
+                work.finish(None, exc)
 
     def _reload(self, key: str) -> None:
         """Load ``key``'s current spec unless someone else already has."""
@@ -228,6 +300,7 @@ class ModelManager:
         now = time.monotonic()
         with self._lock:
             slots = list(self._slots.values())
+            waiting = {k: list(v) for k, v in self._waiting.items()}
         out = []
         for s in slots:
             b = s.batcher
@@ -243,6 +316,8 @@ class ModelManager:
                     "measured": s.measured,
                     "nvml_delta": s.nvml_delta,
                     "in_flight": b.queued + int(b.busy) if b else 0,
+                    **(b.queue_state() if b else {"queued": 0, "queued_rows": 0, "queued_bytes": 0}),
+                    "waiting_for_load": len(waiting.get(s.key, ())),
                     "idle_seconds": round(now - s.last_used, 3),
                     "priority": self._policy(s.device).priority(s.key),
                     "loads": s.stats.loads,
@@ -342,7 +417,13 @@ class ModelManager:
             old = self._slots.get(key)
             batch_stats = old.batch_stats if old is not None else BatchStats()
             batcher = Batcher(
-                key, model, on_idle=self._notify_idle, on_oom=lambda: self._on_oom(device), stats=batch_stats
+                key,
+                model,
+                on_idle=self._notify_idle,
+                on_oom=lambda: self._on_oom(device),
+                stats=batch_stats,
+                limits=self.limits,
+                merge=not self.deterministic,
             )
             slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
             slot.batch_stats = batch_stats
