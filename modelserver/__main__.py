@@ -250,6 +250,13 @@ def _render_status(s: dict[str, Any]) -> str:
     lines.append(
         f"  eviction policy {s.get('eviction_policy')}, pressure evictions {s.get('pressure_evictions', 0)}"
     )
+    if "max_queue_rows" in s:
+        lines.append(
+            f"  queues: up to {s['max_queue_rows']} rows, {fmt(s['max_queue_bytes'])} per model; "
+            f"{fmt(s.get('reply_backlog_bytes', 0))} of replies unread; "
+            f"{s.get('log_records_dropped', 0)} log records dropped"
+            + ("; deterministic (no merging)" if s.get("deterministic") else "")
+        )
     header = (
         f"  {'key':<20} {'state':<6} {'device':<7} {'tensors':>10} {'footprint':>10} {'requests':>9} "
         f"{'rows':>9} {'errors':>6} {'loads':>5} {'evicts':>6} {'hits':>7} {'load s':>7}"
@@ -263,6 +270,8 @@ def _render_status(s: dict[str, Any]) -> str:
             f"{m['hits']:>7} {m['load_seconds']:>7.2f}"
         )
         lines.append(f"    model_id {m['model_id']}")
+        if m.get("overloaded") or m.get("queued"):
+            lines.append(f"    queued {m.get('queued', 0)}, refused (overloaded) {m.get('overloaded', 0)}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelserver import loaders, memory, wire
-from modelserver.errors import BeamletError, InternalError, OutOfMemory, Overloaded
+from modelserver.errors import DEFAULT_RETRY_AFTER, BeamletError, InternalError, OutOfMemory, Overloaded
 
 log = logging.getLogger("beamlet.batcher")
 
@@ -108,8 +108,11 @@ class BatchStats:
         }
 
     def retry_after(self, rows: int) -> float:
-        """Seconds the model needs for ``rows`` more rows, by its rows per second so far."""
-        per_row = self.busy_seconds / self.rows if self.rows else 0.0
+        """Seconds the model needs for ``rows`` more rows, by its rows per second so far
+        (before its first batch has finished: ``errors.DEFAULT_RETRY_AFTER``)."""
+        if not self.rows:
+            return DEFAULT_RETRY_AFTER
+        per_row = self.busy_seconds / self.rows
         return round(min(max(rows * per_row, MIN_RETRY_AFTER), MAX_RETRY_AFTER), 4)
 
 
