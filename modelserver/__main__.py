@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--deterministic",
         action="store_true",
-        default=os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0"),
+        default=os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
         help="never merge requests (each is its own forward pass) and use torch's deterministic "
         f"algorithms (env {DETERMINISTIC_ENV}=1)",
     )

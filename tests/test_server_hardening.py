@@ -491,5 +491,6 @@ def test_the_deterministic_mode_comes_from_the_flag_or_the_environment(monkeypat
     assert build_parser().parse_args(["serve", "--deterministic"]).deterministic is True
     monkeypatch.setenv("BEAMLET_DETERMINISTIC", "1")
     assert build_parser().parse_args(["serve"]).deterministic is True
-    monkeypatch.setenv("BEAMLET_DETERMINISTIC", "0")
-    assert build_parser().parse_args(["serve"]).deterministic is False
+    for off in ("0", "", "no"):
+        monkeypatch.setenv("BEAMLET_DETERMINISTIC", off)
+        assert build_parser().parse_args(["serve"]).deterministic is False
