@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
 
-from modelserver import config, wire
+from modelserver import config, serverlog, wire
+from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
+from modelserver.connection import DEFAULT_MAX_BACKLOG
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
+DETERMINISTIC_ENV = "BEAMLET_DETERMINISTIC"
+DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        return _status(args)
+    return _stop(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; defaults that come from the environment are read now."""
     parser = argparse.ArgumentParser(prog="python -m modelserver", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -57,13 +70,57 @@ def main(argv: list[str] | None = None) -> int:
         help="largest request body accepted (default 1GiB)",
     )
     serve.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_ROWS,
+        metavar="N",
+        help="rows one model's queue may hold; more are refused with Overloaded "
+        f"(default {DEFAULT_MAX_QUEUE_ROWS})",
+    )
+    serve.add_argument(
+        "--max-queue-bytes",
+        type=config.parse_size,
+        default=DEFAULT_MAX_QUEUE_BYTES,
+        metavar="SIZE",
+        help="input bytes one model's queue may hold; more are refused with Overloaded (default 256MiB)",
+    )
+    serve.add_argument(
+        "--max-reply-backlog",
+        type=config.parse_size,
+        default=DEFAULT_MAX_BACKLOG,
+        metavar="SIZE",
+        help="reply bytes a client may leave unread before the server stops reading its "
+        "requests (default 64MiB)",
+    )
+    serve.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
+        help="never merge requests (each is its own forward pass) and use torch's deterministic "
+        f"algorithms (env {DETERMINISTIC_ENV}=1)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=float,
         default=None,
         metavar="SECONDS",
         help="exit after this long with no client connected (default: never)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    serve.add_argument(
+        "--log-file",
+        default=None,
+        metavar="PATH",
+        help="append the log to PATH (created 0600) instead of writing it to stderr",
+    )
+    serve.add_argument(
+        "--log-queue",
+        type=int,
+        default=serverlog.DEFAULT_CAPACITY,
+        metavar="N",
+        help="log records held while the log output is blocked; more are dropped and counted "
+        f"(default {serverlog.DEFAULT_CAPACITY})",
+    )
 
     status = sub.add_parser("status", help="what the server holds and has done")
     _socket_arg(status)
@@ -72,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="ask the server to stop, and wait until it has")
     _socket_arg(stop)
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
-
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "status":
-        return _status(args)
-    return _stop(args)
+    return parser
 
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
@@ -91,18 +142,27 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    budget = _budget(args.memory_budget)
+    # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
+    # reads costs dropped records, never a blocked request or a server that cannot stop.
+    pump = serverlog.install(args.log_level.upper(), args.log_file, capacity=args.log_queue)
+    try:
+        return _run_server(args, budget)
+    finally:
+        pump.close(timeout=2.0)
+
+
+def _run_server(args: argparse.Namespace, budget: int | None) -> int:
     from modelserver.server import EXIT_ALREADY_RUNNING, AlreadyRunning, ModelServer
 
-    budget = _budget(args.memory_budget)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
     server = ModelServer(
         args.socket,
         memory_budget=budget,
         max_frame_bytes=args.max_frame_bytes,
         idle_timeout=args.idle_timeout,
+        max_reply_backlog=args.max_reply_backlog,
+        limits=QueueLimits(args.max_queue_rows, args.max_queue_bytes),
+        deterministic=args.deterministic,
         gpu_fraction=args.gpu_memory_fraction,
         load_wait=args.load_wait,
         policy=args.eviction_policy,
@@ -126,7 +186,7 @@ def _budget(text: str | None) -> int | None:
     if text is None:
         import psutil
 
-        return int(psutil.virtual_memory().available * 0.7)
+        return int(psutil.virtual_memory().available * DEFAULT_BUDGET_SHARE)
     if text.strip().lower() == "none":
         return None
     return config.parse_size(text)
@@ -190,6 +250,13 @@ def _render_status(s: dict[str, Any]) -> str:
     lines.append(
         f"  eviction policy {s.get('eviction_policy')}, pressure evictions {s.get('pressure_evictions', 0)}"
     )
+    if "max_queue_rows" in s:
+        lines.append(
+            f"  queues: up to {s['max_queue_rows']} rows, {fmt(s['max_queue_bytes'])} per model; "
+            f"{fmt(s.get('reply_backlog_bytes', 0))} of replies unread; "
+            f"{s.get('log_records_dropped', 0)} log records dropped"
+            + ("; deterministic (no merging)" if s.get("deterministic") else "")
+        )
     header = (
         f"  {'key':<20} {'state':<6} {'device':<7} {'tensors':>10} {'footprint':>10} {'requests':>9} "
         f"{'rows':>9} {'errors':>6} {'loads':>5} {'evicts':>6} {'hits':>7} {'load s':>7}"
@@ -203,6 +270,8 @@ def _render_status(s: dict[str, Any]) -> str:
             f"{m['hits']:>7} {m['load_seconds']:>7.2f}"
         )
         lines.append(f"    model_id {m['model_id']}")
+        if m.get("overloaded") or m.get("queued"):
+            lines.append(f"    queued {m.get('queued', 0)}, refused (overloaded) {m.get('overloaded', 0)}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,13 @@ bad input never fails its neighbours.
 One batch at a time per model: at low load a request runs at once on the thread that
 submitted it (a connection's reader), saving a hand-off; otherwise on the batcher
 thread. Either way ``busy`` tells the manager whether the model is in use.
+
+Bounded: the queue holds at most ``QueueLimits.rows`` rows and ``QueueLimits.nbytes``
+bytes of inputs (a request that finds the queue empty is always taken, whatever its
+size, so every request can run). A request over the limits is refused at once with
+``Overloaded``, whose ``retry_after`` is the time the model needs to work through what is
+queued, by its measured rows per second. In the deterministic mode (``merge=False``) no
+two requests share a forward pass: every request is its own batch, whatever the load.
 """
 
 from __future__ import annotations
@@ -23,12 +30,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelserver import loaders, wire
-from modelserver.errors import BeamletError, InternalError, OutOfMemory
+from modelserver import loaders, memory, wire
+from modelserver.errors import DEFAULT_RETRY_AFTER, BeamletError, InternalError, OutOfMemory, Overloaded
 
 log = logging.getLogger("beamlet.batcher")
 
 DEFAULT_MAX_MERGE_ROWS = 256
+DEFAULT_MAX_QUEUE_ROWS = 8192  # 32 full merged batches
+DEFAULT_MAX_QUEUE_BYTES = 256 << 20
+MIN_RETRY_AFTER = 0.005
+MAX_RETRY_AFTER = 5.0
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How much one model's queue may hold: rows (latency) and input bytes (memory)."""
+
+    rows: int = DEFAULT_MAX_QUEUE_ROWS
+    nbytes: int = DEFAULT_MAX_QUEUE_BYTES
+
+    def hold(self, rows: int, nbytes: int) -> bool:
+        """Whether a queue may hold ``rows`` rows and ``nbytes`` bytes in all."""
+        return rows <= self.rows and nbytes <= self.nbytes
 
 
 @dataclass
@@ -37,7 +60,9 @@ class Work:
 
     ``inputs``: the batch (a tensor, or a map of named tensors, rows along dim 0);
     ``kwargs``: side arguments, passed as they are; ``method``: which of the model's
-    public methods to call. ``signature`` is computed once, before the request queues."""
+    public methods to call. ``signature``, ``rows`` and ``nbytes`` (what it counts
+    against the queue's limits) are computed once, before the request queues;
+    ``model_id`` is set by the batcher that takes it."""
 
     inputs: Any
     kwargs: dict[str, Any]
@@ -45,9 +70,22 @@ class Work:
     method: str = "forward"
     enqueued: float = field(default_factory=time.monotonic)
     signature: tuple[Any, ...] | None = field(default=None, init=False)
+    rows: int = field(default=1, init=False)
+    nbytes: int = field(default=0, init=False)
+    model_id: str = field(default="", init=False)
+    reloads: int = field(default=0, init=False)  # times it waited for its model to load
 
     def __post_init__(self) -> None:
         self.signature = _signature(self)
+        self.rows = _rows(self.inputs) or 1
+        self.nbytes = _nbytes(self.inputs) + _nbytes(self.kwargs)
+
+    def finish(self, outputs: Any, error: BeamletError | None) -> None:
+        """Reply; a reply to a connection that just closed must not kill the caller."""
+        try:
+            self.reply(outputs, error)
+        except Exception:
+            log.debug("could not deliver a reply", exc_info=True)
 
 
 @dataclass
@@ -56,6 +94,7 @@ class BatchStats:
     rows: int = 0
     batches: int = 0
     errors: int = 0
+    overloaded: int = 0  # requests refused because the queue was full
     busy_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,8 +103,17 @@ class BatchStats:
             "rows": self.rows,
             "batches": self.batches,
             "errors": self.errors,
+            "overloaded": self.overloaded,
             "busy_seconds": round(self.busy_seconds, 6),
         }
+
+    def retry_after(self, rows: int) -> float:
+        """Seconds the model needs for ``rows`` more rows, by its rows per second so far
+        (before its first batch has finished: ``errors.DEFAULT_RETRY_AFTER``)."""
+        if not self.rows:
+            return DEFAULT_RETRY_AFTER
+        per_row = self.busy_seconds / self.rows
+        return round(min(max(rows * per_row, MIN_RETRY_AFTER), MAX_RETRY_AFTER), 4)
 
 
 class Batcher:
@@ -80,6 +128,8 @@ class Batcher:
         on_idle: Callable[[], None] | None = None,
         on_oom: Callable[[], None] | None = None,
         stats: BatchStats | None = None,
+        limits: QueueLimits | None = None,
+        merge: bool = True,
     ):
         self.name = name
         self.model: loaders.LoadedModel = model
@@ -90,7 +140,11 @@ class Batcher:
         self._on_oom = on_oom
         self.max_merge_rows = max_merge_rows or DEFAULT_MAX_MERGE_ROWS
         self.stats = stats if stats is not None else BatchStats()
+        self.limits = limits or QueueLimits()
+        self.merge = merge
         self._queue: deque[Work] = deque()
+        self._queued_rows = 0
+        self._queued_bytes = 0
         self._cond = threading.Condition()
         self._busy = False
         self._pins = 0
@@ -122,19 +176,46 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
+    def queue_state(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "queued": len(self._queue),
+                "queued_rows": self._queued_rows,
+                "queued_bytes": self._queued_bytes,
+            }
+
     def submit(self, work: Work) -> None:
-        """Queue a request. When the model is idle and nothing waits, the request runs at
-        once on the caller's thread: at low load that saves a thread hand-off per request;
-        under load requests queue up and the batcher thread merges them."""
+        """Queue a request, or refuse it with Overloaded when the queue is full. When the
+        model is idle and nothing waits, the request runs at once on the caller's thread:
+        at low load that saves a thread hand-off per request; under load requests queue
+        up and the batcher thread merges them."""
         with self._cond:
             if self._stopping:
                 raise InternalError(f"model {self.name} is being unloaded")
+            work.model_id = self.model_id
             if self._busy or self._queue:  # (a pin alone does not stop the inline path)
+                self._admit(work)
                 self._queue.append(work)
+                self._queued_rows += work.rows
+                self._queued_bytes += work.nbytes
                 self._cond.notify()
                 return
             self._busy = True
         self._run_timed([work])
+
+    def _admit(self, work: Work) -> None:
+        """Under the condition's lock: Overloaded when ``work`` does not fit the queue's
+        limits (an empty queue takes any request)."""
+        if self._queue and not self.limits.hold(
+            self._queued_rows + work.rows, self._queued_bytes + work.nbytes
+        ):
+            self.stats.overloaded += 1
+            raise Overloaded(
+                f"model {self.name} is overloaded: {self._queued_rows} rows ({self._queued_bytes} bytes) "
+                f"queued, limits {self.limits.rows} rows, {self.limits.nbytes} bytes (serve --max-queue-rows, "
+                "--max-queue-bytes); retry later",
+                retry_after=self.stats.retry_after(self._queued_rows),
+            )
 
     def _run_timed(self, batch: list[Work]) -> None:
         started = time.monotonic()
@@ -173,10 +254,17 @@ class Batcher:
             self._run_timed(batch)
 
     def _take_batch(self) -> list[Work]:
+        batch = self._merge_batch()
+        for work in batch:
+            self._queued_rows -= work.rows
+            self._queued_bytes -= work.nbytes
+        return batch
+
+    def _merge_batch(self) -> list[Work]:
         first = self._queue.popleft()
         batch = [first]
         sig = first.signature
-        if sig is None:
+        if sig is None or not self.merge:
             return batch
         rows = sig[0]
         kept: deque[Work] = deque()
@@ -203,7 +291,7 @@ class Batcher:
             if parts is not None:
                 self._account(batch, batches=1)
                 for work, part in zip(batch, parts):
-                    _deliver(work, part, None)
+                    work.finish(part, None)
                 return
         for work in batch:
             self._account([work], batches=1)
@@ -211,16 +299,16 @@ class Batcher:
                 out = self._run_one(work)
             except Exception as exc:
                 self.stats.errors += 1
-                _deliver(work, None, _as_error(exc, self.name))
+                work.finish(None, _as_error(exc, self.name))
             else:
-                _deliver(work, out, None)
+                work.finish(out, None)
 
     def _run_one(self, work: Work) -> Any:
         """One request; after a CUDA out-of-memory, free what can be freed and retry once."""
         try:
             return loaders.run(self.model, work.inputs, work.kwargs, work.method)
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError" or self._on_oom is None:
+            if not memory.is_cuda_oom(exc) or self._on_oom is None:
                 raise
         self._on_oom()
         return loaders.run(self.model, work.inputs, work.kwargs, work.method)
@@ -231,19 +319,10 @@ class Batcher:
         self.stats.rows += sum(_rows(w.inputs) or 0 for w in batch)
 
 
-def _deliver(work: Work, outputs: Any, error: BeamletError | None) -> None:
-    try:
-        work.reply(outputs, error)
-    except Exception:  # a reply to a connection that just closed must not kill the batcher
-        log.debug("could not deliver a reply", exc_info=True)
-
-
 def _as_error(exc: BaseException, name: str) -> BeamletError:
-    import torch
-
     if isinstance(exc, BeamletError):
         return exc
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    if memory.is_cuda_oom(exc):
         return OutOfMemory(f"model {name} ran out of GPU memory on this batch: {exc}")
     if isinstance(exc, MemoryError):
         return OutOfMemory(f"model {name} ran out of host memory on this batch")
@@ -260,6 +339,22 @@ def _rows(inputs: Any) -> int | None:
         counts = {_rows(v) for v in inputs.values()}
         return counts.pop() if len(counts) == 1 else None
     return None
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in a request's inputs or side arguments."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _signature(work: Work) -> tuple[Any, ...] | None:

@@ -1,13 +1,20 @@
 """One client connection inside the server: a reader thread and a non-blocking reply path.
 
 The reader thread reads frames and hands each request to the server's dispatcher. When
-the model is idle it runs a request itself (the batcher's low-load path), and it reloads
-an evicted model on demand; a busy model only queues the request, so a slow model never
-holds up other connections. Replies are written by whichever thread produced them
-(usually a model's batcher) with a non-blocking send; if the client is slow to read and
-the socket buffer fills, the rest goes to a writer thread started for this connection,
-so a slow reader can only ever stall itself. A client that reads nothing for
-``SEND_TIMEOUT`` seconds, or stalls inside a frame for ``RECV_TIMEOUT``, is dropped.
+the model is idle it runs a request itself (the batcher's low-load path); a busy model
+only queues the request, and an evicted one is reloaded on another thread, so neither a
+slow model nor a slow load holds up this connection's other requests. Replies are
+written by whichever thread produced them (usually a model's batcher) with a
+non-blocking send; if the client is slow to read and the socket buffer fills, the rest
+goes to a writer thread started for this connection, so a slow reader can only ever
+stall itself. A client that reads nothing for ``SEND_TIMEOUT`` seconds, or stalls inside
+a frame for ``RECV_TIMEOUT``, is dropped.
+
+The replies waiting for a slow reader (the backlog) are bounded: while they hold more
+than ``max_backlog`` bytes the reader thread reads no further requests from that client
+(its sends then block in its own socket), so the backlog grows at most by the replies
+to requests already taken. A client that does not read them within ``SEND_TIMEOUT`` is
+dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +35,7 @@ log = logging.getLogger("beamlet.connection")
 
 RECV_TIMEOUT = 30.0
 SEND_TIMEOUT = 60.0
+DEFAULT_MAX_BACKLOG = 64 << 20
 
 
 def _set_timeouts(sock: socket.socket) -> None:
@@ -45,17 +54,22 @@ class Connection:
         dispatch: Callable[[Connection, Any], None],
         on_close: Callable[[Connection], None],
         max_body: int,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ):
         self.sock = sock
         self.peer_pid = peer_pid
         self.max_body = max_body
+        self.max_backlog = max_backlog
         self._frames = wire.FrameReader(sock, max_body)
         self._dispatch = dispatch
         self._on_close = on_close
         self._send_lock = threading.Lock()
-        self._backlog: deque[list[memoryview]] = deque()
+        self._backlog: deque[tuple[list[memoryview], int]] = deque()  # (parts, bytes)
+        self._backlog_bytes = 0
         self._writer: threading.Thread | None = None
-        self._writer_wake = threading.Condition(self._send_lock)
+        # Notified when the backlog shrinks or grows and when the connection closes: the
+        # writer waits for work, the reader for room.
+        self._backlog_changed = threading.Condition(self._send_lock)
         self._closed = threading.Event()
         _set_timeouts(sock)
         self._reader = threading.Thread(
@@ -68,6 +82,12 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Reply bytes waiting for this client to read them."""
+        with self._send_lock:
+            return self._backlog_bytes
 
     def send(self, message: Any) -> None:
         """Queue a reply; written now if the socket takes it, else by the writer thread."""
@@ -82,17 +102,28 @@ class Connection:
             )
         parts = [memoryview(head), *buffers]
         with self._send_lock:
+            if self._closed.is_set():
+                return
             if self._backlog:
-                self._backlog.append(parts)
+                self._queue(parts)
                 return
             try:
                 rest = self._send_nonblocking(parts)
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                failure = f"send failed: {exc}"
+            else:
+                if rest:
+                    self._queue(rest)
+                    self._start_writer()
                 return
-            if rest:
-                self._backlog.append(rest)
-                self._start_writer()
+        self._fail(failure)  # after the lock: it logs
+
+    def _queue(self, parts: list[memoryview]) -> None:
+        """Under the send lock: add a reply to the backlog."""
+        nbytes = sum(p.nbytes for p in parts)
+        self._backlog.append((parts, nbytes))
+        self._backlog_bytes += nbytes
+        self._backlog_changed.notify_all()
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -102,8 +133,14 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._drop_backlog()
+
+    def _drop_backlog(self) -> None:
+        """Closed: the unsent replies go, and every wait on the backlog ends."""
         with self._send_lock:
-            self._writer_wake.notify_all()
+            self._backlog.clear()
+            self._backlog_bytes = 0
+            self._backlog_changed.notify_all()
 
     def _send_nonblocking(self, parts: list[memoryview]) -> list[memoryview]:
         parts = [p for p in parts if p.nbytes]
@@ -121,17 +158,15 @@ class Connection:
                 target=self._write_loop, name=f"writer-{self.peer_pid}", daemon=True
             )
             self._writer.start()
-        else:
-            self._writer_wake.notify()
 
     def _write_loop(self) -> None:
         while True:
             with self._send_lock:
                 while not self._backlog and not self._closed.is_set():
-                    self._writer_wake.wait()
+                    self._backlog_changed.wait()
                 if self._closed.is_set():
                     return
-                parts = self._backlog[0]
+                parts, nbytes = self._backlog[0]
             try:
                 # Blocking send outside the lock, so producers can keep appending; the
                 # kernel's SO_SNDTIMEO bounds how long a client that reads nothing holds us.
@@ -140,11 +175,31 @@ class Connection:
                 self._fail(f"client stopped reading ({exc})")
                 return
             with self._send_lock:
+                if self._closed.is_set():
+                    return  # the backlog was dropped with the connection
                 self._backlog.popleft()
+                self._backlog_bytes -= nbytes
+                self._backlog_changed.notify_all()
+
+    def _wait_for_room(self) -> bool:
+        """Before reading the next request: wait while this client's unread replies hold
+        more than ``max_backlog`` bytes. False when it does not read them within
+        ``SEND_TIMEOUT`` (the connection is then dropped) or the connection closed."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        with self._send_lock:
+            while self._backlog_bytes > self.max_backlog and not self._closed.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._backlog_changed.wait(remaining)
+            stuck = self._backlog_bytes > self.max_backlog and not self._closed.is_set()
+        if stuck:
+            self._fail(f"client left {self.max_backlog}+ bytes of replies unread for {SEND_TIMEOUT:.0f}s")
+        return not self._closed.is_set()
 
     def _read_loop(self) -> None:
         try:
-            while not self._closed.is_set():
+            while self._wait_for_room():
                 try:
                     message = self._frames.read()
                 except ProtocolError as exc:
@@ -172,9 +227,11 @@ class Connection:
             pass
 
     def _fail(self, why: str) -> None:
-        log.warning("dropping connection from pid %d: %s", self.peer_pid, why)
+        """Drop the connection (outside the send lock: it logs)."""
         self._closed.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._drop_backlog()
+        log.warning("dropping connection from pid %d: %s", self.peer_pid, why)

@@ -1,14 +1,21 @@
 """The error hierarchy shared by server and client.
 
-Every error that crosses the wire is sent as ``{"code": ..., "message": ...}`` and
-comes back on the client as the same class (``from_wire``). ``ServerUnavailable``
-never crosses the wire: it is the client's word for "the server is gone", which is
-different from "this request failed".
+Every error that crosses the wire is sent as ``{"code": ..., "message": ...}`` (plus
+``retry_after`` for ``Overloaded``) and comes back on the client as the same class
+(``from_wire``). ``ServerUnavailable`` never crosses the wire: it is the client's word
+for "the server is gone", which is different from "this request failed".
+
+Whose fault: ``BadRequest``/``BadInput`` say the request does not fit (an unknown
+operation or method, arguments the method's signature does not take); ``ModelError``
+says the model itself raised while running the batch (its traceback is in the message);
+``Overloaded`` says "not now, retry after ``retry_after`` seconds".
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+DEFAULT_RETRY_AFTER = 0.05
 
 
 class BeamletError(Exception):
@@ -45,9 +52,18 @@ class BadRequest(BeamletError):
 
 
 class BadInput(BadRequest):
-    """The model rejected the input (wrong dtype, wrong shape, wrong arguments)."""
+    """The input does not fit the model's method: arguments its signature does not take
+    (checked before the model runs)."""
 
     code = "bad_input"
+
+
+class ModelError(BeamletError):
+    """The model raised while running the batch (whatever the cause: a shape or dtype its
+    layers reject, a bug in its code). The message names the input and carries the
+    model's traceback, bounded in length."""
+
+    code = "model_error"
 
 
 class ModelNotFound(BeamletError):
@@ -69,9 +85,20 @@ class OutOfMemory(BeamletError):
 
 
 class Overloaded(BeamletError):
-    """The server is shutting down or cannot take more work now; retry later."""
+    """The server cannot take this request now (the model's queue is full); retry after
+    ``retry_after`` seconds, the server's estimate of when there will be room."""
 
     code = "overloaded"
+
+    def __init__(self, message: str = "", retry_after: float = DEFAULT_RETRY_AFTER):
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**super().to_wire(), "retry_after": self.retry_after}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (Beam's dead letters) with its hint
+        return (type(self), (str(self), self.retry_after))
 
 
 class ServerUnavailable(BeamletError):
@@ -88,6 +115,7 @@ _BY_CODE: dict[str, type[BeamletError]] = {
         FrameTooLarge,
         BadRequest,
         BadInput,
+        ModelError,
         ModelNotFound,
         ModelLoadError,
         OutOfMemory,
@@ -101,4 +129,10 @@ def from_wire(error: Any) -> BeamletError:
     if not isinstance(error, dict):
         return ProtocolError(f"malformed error reply: {error!r}")
     cls = _BY_CODE.get(str(error.get("code")), InternalError)
-    return cls(str(error.get("message", "")))
+    message = str(error.get("message", ""))
+    if cls is Overloaded:
+        hint = error.get("retry_after")
+        if isinstance(hint, bool) or not isinstance(hint, (int, float)) or hint < 0:
+            hint = DEFAULT_RETRY_AFTER
+        return Overloaded(message, retry_after=float(hint))
+    return cls(message)

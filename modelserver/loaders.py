@@ -11,16 +11,20 @@ import inspect
 import logging
 import os
 import threading
+import traceback
 import zipfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from modelserver import userclass, wire
-from modelserver.errors import BadInput, BadRequest, ModelLoadError
+from modelserver import memory, userclass, wire
+from modelserver.errors import BadInput, BadRequest, ModelError, ModelLoadError
+from modelserver.serverlog import DeferredLog
 
 log = logging.getLogger("beamlet.loaders")
 
 LOADERS = ("pytorch_state_dict", "torchscript")
+MAX_ERROR_TEXT = 4000  # characters of a model's failure or a state_dict misfit in an error
+_MODULE_CALL_FILE = os.path.join("torch", "nn", "modules", "module.py")
 _cuda_warned = threading.Event()
 
 
@@ -129,6 +133,7 @@ class LoadedModel:
     nbytes: int
     model_id: str
     methods: frozenset[str] = frozenset({"forward"})
+    signatures: dict[str, inspect.Signature | None] = field(default_factory=dict, repr=False)  # by method
 
 
 def public_methods(module: Any) -> frozenset[str]:
@@ -218,8 +223,9 @@ def _has_placeholders(value: Any) -> bool:
     return False
 
 
-def resolve_device(requested: str) -> str:
-    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back."""
+def resolve_device(requested: str, notes: DeferredLog | None = None) -> str:
+    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back.
+    ``notes``: where to log, when the caller holds a lock (see ``serverlog``)."""
     import torch
 
     wanted = requested.strip()
@@ -230,23 +236,26 @@ def resolve_device(requested: str) -> str:
             return "cuda" if wanted.upper() in ("GPU", "CUDA") else wanted.lower()
         if not _cuda_warned.is_set():
             _cuda_warned.set()
-            log.warning("device %r requested but CUDA is not usable here; using the CPU", requested)
+            _warn(notes, "device %r requested but CUDA is not usable here; using the CPU", requested)
         return "cpu"
     raise ModelLoadError(f"unknown device {requested!r}; use 'CPU', 'GPU' or 'cuda:N'")
 
 
-def load(spec: ModelSpec, model_class: Any = None, *, owner: str | None = None) -> LoadedModel:
+def load(
+    spec: ModelSpec, model_class: Any = None, *, owner: str | None = None, notes: DeferredLog | None = None
+) -> LoadedModel:
     """Load a model; any failure becomes a ModelLoadError that says what and where.
 
     ``model_class``: the live class (or factory) when the caller has it, as a worker
     loading its own small model does; otherwise the spec's class reference is resolved.
-    ``owner``: who the model is in this process (its key), for ``apply_env_vars``."""
+    ``owner``: who the model is in this process (its key), for ``apply_env_vars``.
+    ``notes``: where its warnings go when the caller holds a lock (the server's load lock)."""
     import torch
 
     spec.validate()
     apply_env_vars(spec.env_vars, owner or spec.model_id)
-    device = resolve_device(spec.device)
-    args = _load_args(spec)
+    device = resolve_device(spec.device, notes)
+    args = _load_args(spec, notes)
     if spec.loader == "torchscript":
         args.pop("weights_only", None)  # TorchScript archives hold no pickled code
         path = _existing(spec.path)
@@ -270,12 +279,13 @@ def load(spec: ModelSpec, model_class: Any = None, *, owner: str | None = None) 
     return LoadedModel(module, device, tensor_bytes(module), spec.model_id, public_methods(module))
 
 
-def _load_args(spec: ModelSpec) -> dict[str, Any]:
+def _load_args(spec: ModelSpec, notes: DeferredLog | None) -> dict[str, Any]:
     """torch.load's keyword arguments: the user's, with weights_only=True unless the user
     turned it off explicitly (said, loudly: the checkpoint's pickled code will run)."""
     args = {k: v for k, v in spec.load_model_args.items() if k != "map_location"}
     if args.get("weights_only", True) is False:
-        log.warning(
+        _warn(
+            notes,
             "loading %s with weights_only=False, as load_model_args asks: this runs code "
             "stored in the checkpoint, in this process",
             spec.path,
@@ -283,6 +293,13 @@ def _load_args(spec: ModelSpec) -> dict[str, Any]:
     else:
         args["weights_only"] = True
     return args
+
+
+def _warn(notes: DeferredLog | None, msg: str, *args: Any) -> None:
+    if notes is not None:
+        notes.warning(log, msg, *args)
+    else:
+        log.warning(msg, *args)
 
 
 def check(spec: ModelSpec) -> None:
@@ -317,7 +334,7 @@ def check(spec: ModelSpec) -> None:
     try:
         module.load_state_dict(state, assign=True)
     except Exception as exc:
-        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_misfit(exc)}") from None
     finally:
         del state, module
 
@@ -360,7 +377,7 @@ def _build_with_state(spec: ModelSpec, factory: Any, state: Any, path: str) -> A
         try:
             module.load_state_dict(state)
         except Exception as exc:
-            raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"checkpoint {path} does not fit {name}: {_misfit(exc)}") from None
     return module
 
 
@@ -414,6 +431,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _misfit(exc: BaseException) -> str:
+    """torch's whole complaint about a state_dict that does not fit its class (every
+    missing and unexpected key, every shape mismatch), bounded in length."""
+    return f"{type(exc).__name__}: {bounded(str(exc).strip(), MAX_ERROR_TEXT)}"
+
+
 def tensor_bytes(module: Any) -> int:
     """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
     seen: set[int] = set()
@@ -431,8 +454,12 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
     """Call the model on one batch: ``module(inputs, **kwargs)``, or ``module(**inputs,
     **kwargs)`` when inputs is a map of named tensors (keyed tensors); ``method``: one of
     ``loaded.methods`` instead of forward. Outputs come back on the CPU, as ordinary
-    tensors (``no_grad``, as Beam runs models: a postprocess may change them in place). A
-    model that rejects its input raises BadInput naming what it got."""
+    tensors (``no_grad``, as Beam runs models: a postprocess may change them in place).
+
+    Whose fault a failure is: arguments the method's signature does not take are the
+    request's (BadInput, before the model runs); anything the model raises while it runs
+    is ModelError, naming the input and carrying the model's traceback. Running out of
+    memory (CUDA or host) is raised as it is, for the caller to free memory and retry."""
     import torch
 
     if method not in loaded.methods:
@@ -442,6 +469,7 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
     fn = loaded.module if method == "forward" else getattr(loaded.module, method)
     if _has_placeholders(kwargs):
         kwargs = materialize(kwargs)
+    _check_arguments(loaded, method, inputs, kwargs)
     with torch.no_grad():
         moved = _to_device(inputs, loaded.device)
         kwargs = _to_device(kwargs, loaded.device, arrays=False)
@@ -450,13 +478,67 @@ def run(loaded: LoadedModel, inputs: Any, kwargs: dict[str, Any], method: str = 
                 out = fn(**moved, **kwargs)
             else:
                 out = fn(moved, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise BadInput(
-                f"model {loaded.model_id} rejected input {describe_value(inputs)}: {_first_line(exc)}"
-            ) from None
+        except Exception as exc:
+            if isinstance(exc, MemoryError) or memory.is_cuda_oom(exc):
+                raise
+            raise ModelError(_model_failure(loaded, method, inputs, exc)) from None
         return _to_device(out, "cpu")
+
+
+def _check_arguments(loaded: LoadedModel, method: str, inputs: Any, kwargs: dict[str, Any]) -> None:
+    """BadInput when ``method``'s signature does not take these arguments. A method whose
+    signature Python cannot read (a TorchScript file's) is not checked here: TorchScript
+    checks its arguments itself, inside the call."""
+    if method not in loaded.signatures:
+        fn = loaded.module.forward if method == "forward" else getattr(loaded.module, method)
+        try:
+            loaded.signatures[method] = inspect.signature(fn)
+        except (TypeError, ValueError):
+            loaded.signatures[method] = None
+    signature = loaded.signatures[method]
+    if signature is None:
+        return
+    try:
+        if isinstance(inputs, dict):
+            signature.bind(**inputs, **kwargs)
+        else:
+            signature.bind(inputs, **kwargs)
+    except TypeError as exc:
+        params = ", ".join(str(p.replace(annotation=p.empty)) for p in signature.parameters.values())
+        raise BadInput(
+            f"model {loaded.model_id}: {method}({params}) does not take input {describe_value(inputs)}"
+            f"{' with ' + ', '.join(sorted(kwargs)) if kwargs else ''}: {exc}"
+        ) from None
+
+
+def _model_failure(loaded: LoadedModel, method: str, inputs: Any, exc: BaseException) -> str:
+    """What ModelError says: the input, the exception, and the model's own frames (the
+    first frame, this module's call, and torch's module-call wrappers left out), the
+    innermost kept when it is too long."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)[1:]
+        if not (f.filename.endswith(_MODULE_CALL_FILE) and f.name in ("_call_impl", "_wrapped_call_impl"))
+    ]
+    trace = "".join(traceback.format_list(frames)).rstrip()
+    head = (
+        f"model {loaded.model_id} raised {type(exc).__name__} in {method} on input {describe_value(inputs)}: "
+        f"{bounded(str(exc).strip(), MAX_ERROR_TEXT // 2)}"
+    )
+    return (
+        f"{head}\nthe model's traceback (innermost last):\n{bounded(trace, MAX_ERROR_TEXT // 2, keep='tail')}"
+    )
+
+
+def bounded(text: str, limit: int, *, keep: str = "head") -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was cut; ``keep``:
+    which end stays ("head" or "tail")."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    if keep == "tail":
+        return f"[... {cut} characters cut]\n{text[cut:]}"
+    return f"{text[:limit]}\n[... {cut} characters cut]"
 
 
 def _to_device(value: Any, device: str, *, arrays: bool = True) -> Any:

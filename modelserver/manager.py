@@ -1,16 +1,8 @@
-"""The model manager: loads keyed models, measures them, keeps each device within budget.
+"""The model manager: the registry of keyed models, and eviction to keep each device in budget.
 
 Budgets: host RAM (``--memory-budget``, default 70% of the RAM available when the server
 starts) and each GPU (``gpu_fraction`` of its NVML total). Every loaded model is charged
-to its device with its measured footprint.
-
-Measuring: loads are serialised, one at a time for the whole server, so the readings
-taken around a load (process RSS for the host; torch's allocator and NVML for a GPU)
-belong to that load. Inference on other models may still run meanwhile and move those
-readings, so each reading is checked against the bytes of the model's tensors: the
-footprint is the larger of the two, unless the reading exceeds the tensor bytes by more
-than half again plus 64 MiB, in which case it is taken as polluted and the tensor bytes
-plus 10% are charged. ``status`` shows all three numbers.
+to its device with its footprint, measured when it loads (``measure``).
 
 Making room: before a load, idle models on the same device are evicted, in the order the
 eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use and reload cost),
@@ -18,34 +10,46 @@ until the new model's expected footprint fits (its last measured footprint, else
 checkpoint's file size). A model serving a batch is never evicted. When only models in
 use stand in the way, the load waits up to ``load_wait`` seconds for one to go idle,
 then fails with OutOfMemory; a model larger than the whole budget is refused at once.
-A watcher thread also evicts idle models when the machine itself runs short (host
-available memory, GPU free memory), whoever caused it.
+A watcher (``pressure``) also evicts idle models when the machine itself runs short.
 
-Registering a key again with a different spec swaps versions (``_swap``): beside the old
-one when the budget holds both, else after draining and freeing the old one.
+Registering a key again with a different spec swaps versions (``swap``).
+
+Requests (``submit``) never load on the caller's thread (a connection's reader): a
+request for an evicted model waits beside its slot while one ``reload-<key>`` thread
+loads it, then goes to the model's batcher like any other. Those waiting requests count
+against the same limits as a model's queue (``QueueLimits``); over them the request is
+refused with ``Overloaded``, its ``retry_after`` the model's last load time.
+
+Locks: ``_lock`` guards the registry and is held only for bookkeeping; ``_load_lock``
+serialises loads (so measurements belong to one load) and is held for a whole load.
+Nothing logs under either: records made under the load lock go into a ``DeferredLog``
+written once it is released (a full stderr pipe must not freeze every load).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelserver import loaders, memory
-from modelserver.batcher import Batcher, BatchStats
-from modelserver.errors import ModelLoadError, ModelNotFound, OutOfMemory
+from modelserver import loaders, memory, swap
+from modelserver.batcher import MIN_RETRY_AFTER, Batcher, BatchStats, QueueLimits, Work
+from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
+from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
+from modelserver.pressure import PressureWatcher
+from modelserver.serverlog import DeferredLog
 
 log = logging.getLogger("beamlet.manager")
 
-DEFAULT_HOST_SHARE = 0.7
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_LOAD_WAIT = 30.0
-POLLUTION_SLACK = 64 << 20
+MAX_RELOADS = 5  # a request whose model is evicted again before it runs, this many times, fails
 
 
 @dataclass
@@ -81,21 +85,6 @@ class ModelSlot:
         return self.batcher is not None
 
 
-def charged_bytes(tensor_bytes: int, reading: int) -> int:
-    """What a model costs its device, from its tensors and a reading around its load."""
-    if reading > tensor_bytes * 1.5 + POLLUTION_SLACK:
-        return int(tensor_bytes * 1.1)
-    return max(tensor_bytes, reading)
-
-
-def estimate_bytes(spec: loaders.ModelSpec) -> int:
-    """A model's footprint before it was ever loaded: its checkpoint's size, else 0."""
-    try:
-        return os.path.getsize(spec.path) if spec.path else 0
-    except OSError:
-        return 0
-
-
 class ModelManager:
     """Keyed models in one server, within per-device budgets. Thread-safe."""
 
@@ -109,29 +98,37 @@ class ModelManager:
         min_free_bytes: int | None = None,
         pressure_interval: float = 1.0,
         host: memory.HostMemory | None = None,
+        limits: QueueLimits | None = None,
+        deterministic: bool = False,
     ):
+        """``limits``: how much each model's queue may hold; ``deterministic``: never merge
+        requests (each runs as its own batch)."""
         self.host = host or memory.HostMemory()
+        self.limits = limits or QueueLimits()
+        self.deterministic = deterministic
         self.budget_bytes = budget_bytes
         self.gpu_fraction = gpu_fraction
         self.load_wait = load_wait
         self.policy_name = policy
-        self.min_free_bytes = min_free_bytes if min_free_bytes is not None else self.host.total() // 20
         self._policy_class = POLICIES[policy]
         self._policies: dict[str, GreedyDualSizeFrequency] = {}
         self._gpu_budgets: dict[str, int | None] = {}
         self._slots: dict[str, ModelSlot] = {}
+        self._waiting: dict[str, list[Work]] = {}  # requests for evicted models, by key, while they reload
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._load_lock = threading.Lock()
         self._closed = threading.Event()
-        self.pressure_evictions = 0
         self.waiting_loads = 0  # loads now waiting for models in use to go idle
         self.retiring = 0  # swapped-out versions still finishing their batches
         self._retiring_bytes: dict[str, int] = {}  # their footprints, still charged by device
-        self._watcher = threading.Thread(
-            target=self._watch_pressure, args=(pressure_interval,), name="memory-watch", daemon=True
+        self.pressure = PressureWatcher(
+            self.shed,
+            self.host,
+            min_free_bytes=min_free_bytes if min_free_bytes is not None else self.host.total() // 20,
+            gpu_fraction=gpu_fraction,
+            interval=pressure_interval,
         )
-        self._watcher.start()
 
     # -- budgets ------------------------------------------------------------------------
     def budget(self, device: str) -> int | None:
@@ -169,7 +166,7 @@ class ModelManager:
             slot = self._slots.get(key)
             if slot is not None and slot.loaded and (slot.spec == spec or not replace):
                 return slot
-        with self._load_lock:
+        with self._loading() as notes:
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is not None and slot.loaded and (slot.spec == spec or not replace):
@@ -177,32 +174,90 @@ class ModelManager:
                 if slot is not None and not replace:
                     spec = slot.spec  # evicted: reload what the key serves, not the caller's
             if slot is not None and slot.loaded:
-                return self._swap(key, spec, slot)
-            return self._load(key, spec, slot)
+                return swap.swap(self, key, spec, slot, notes)
+            return self.load(key, spec, slot, notes)
 
-    def get(self, key: str) -> Batcher:
-        """The batcher serving ``key``, pinned (call ``unpin()`` once the request is
-        submitted), reloading an evicted model on demand."""
-        for _attempt in range(5):
+    def submit(self, key: str, work: Work) -> None:
+        """Run ``work`` on ``key``'s model: hand it to the model's batcher (which may run
+        it at once on this thread, or queue it), or, when the model was evicted, park it
+        while a ``reload-<key>`` thread loads the model again. Never loads on this thread.
+        Raises ModelNotFound, or Overloaded when the queue (or the parked requests) are
+        over their limits."""
+        for _attempt in range(3):
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is None:
                     raise ModelNotFound(f"no model registered under key {key!r}")
                 slot.last_used = time.monotonic()
-                if slot.batcher is not None:
-                    slot.stats.hits += 1
-                    self._policy(slot.device).hit(key)
-                    slot.batcher.pin()  # under the lock: no eviction can slip in before submit
-                    return slot.batcher
-                slot.stats.misses += 1
+                batcher = slot.batcher
+                if batcher is None:
+                    slot.stats.misses += 1
+                    self._park(slot, work)
+                    return
+                slot.stats.hits += 1
+                self._policy(slot.device).hit(key)
+                batcher.pin()  # under the lock: no eviction can slip in before submit
+            try:
+                batcher.submit(work)
+                return
+            except InternalError:
+                continue  # swapped for a new version between lookup and submit: look again
+            finally:
+                batcher.unpin()
+        raise InternalError(f"model {key!r} kept being replaced; try again")
+
+    def _park(self, slot: ModelSlot, work: Work) -> None:
+        """Under the lock: hold ``work`` until ``slot``'s model is loaded again, starting
+        the one reload thread for the key if it is not running."""
+        waiting = self._waiting.get(slot.key)
+        rows, nbytes = sum(w.rows for w in waiting or ()), sum(w.nbytes for w in waiting or ())
+        if waiting and not self.limits.hold(rows + work.rows, nbytes + work.nbytes):
+            slot.batch_stats.overloaded += 1
+            raise Overloaded(
+                f"model {slot.key} is loading and {len(waiting)} requests already wait for it; retry later",
+                retry_after=round(max(slot.stats.last_load_seconds, MIN_RETRY_AFTER), 4),
+            )
+        if waiting is None:
+            waiting = self._waiting[slot.key] = []
+            threading.Thread(
+                target=self._reload_waiting, args=(slot.key,), name=f"reload-{slot.key}", daemon=True
+            ).start()
+        waiting.append(work)
+
+    def _reload_waiting(self, key: str) -> None:
+        """The ``reload-<key>`` thread: load the model, then submit what waited for it
+        (or fail it with the load's error)."""
+        error: BeamletError | None = None
+        try:
             self._reload(key)
-        raise OutOfMemory(
-            f"model {key!r} was evicted again each time it was reloaded; the budget is too tight"
-        )
+        except BeamletError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("reloading %s failed", key)
+            error = InternalError(f"reloading {key!r} failed: {type(exc).__name__}: {exc}")
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+        for work in waiting:
+            work.reloads += 1
+            if error is None and work.reloads > MAX_RELOADS:
+                work.finish(
+                    None,
+                    OutOfMemory(
+                        f"model {key!r} was evicted again each time it was reloaded; the budget is too tight"
+                    ),
+                )
+                continue
+            if error is not None:
+                work.finish(None, error)
+                continue
+            try:
+                self.submit(key, work)
+            except BeamletError as exc:
+                work.finish(None, exc)
 
     def _reload(self, key: str) -> None:
         """Load ``key``'s current spec unless someone else already has."""
-        with self._load_lock:
+        with self._loading() as notes:
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is None:
@@ -210,29 +265,42 @@ class ModelManager:
                 if slot.batcher is not None:
                     return
                 spec = slot.spec  # read under the load lock: a newer registration wins
-            self._load(key, spec, slot)
-
-    def evict(self, key: str) -> bool:
-        """Unload ``key`` now if it is idle; True when it was unloaded."""
-        with self._lock:
-            slot = self._slots.get(key)
-            if slot is None or slot.batcher is None or slot.batcher.busy:
-                return False
-            batcher = self._detach(slot)
-        self._release([batcher])
-        return True
+            self.load(key, spec, slot, notes)
 
     def relieve(self, device: str) -> int:
         """Evict every idle model on ``device`` (after CUDA ran out of memory)."""
         with self._lock:
             batchers = [self._detach(self._slots[k]) for k in self._idle_keys(device)]
-        self._release(batchers)
+        self.release(batchers)
         return len(batchers)
+
+    def shed(self, device: str, nbytes: int) -> int:
+        """Evict idle models on ``device`` until ``nbytes`` are freed (the machine is short
+        of memory); how many were evicted."""
+        with self._lock:
+            idle = self._idle_keys(device)
+            chosen = self._policy(device).choose_victims(idle, nbytes)
+            victims = [self._detach(self._slots[k]) for k in chosen]
+        if victims:
+            log.warning(
+                "memory pressure on %s (%d bytes short): evicting %s", device, nbytes, ", ".join(chosen)
+            )
+            self.release(victims)
+        return len(chosen)
+
+    def check_pressure(self) -> int:
+        """Evict idle models on any device that the machine is running short on now."""
+        return self.pressure.check()
+
+    @property
+    def pressure_evictions(self) -> int:
+        return self.pressure.evictions
 
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         with self._lock:
             slots = list(self._slots.values())
+            waiting = {k: list(v) for k, v in self._waiting.items()}
         out = []
         for s in slots:
             b = s.batcher
@@ -248,6 +316,8 @@ class ModelManager:
                     "measured": s.measured,
                     "nvml_delta": s.nvml_delta,
                     "in_flight": b.queued + int(b.busy) if b else 0,
+                    **(b.queue_state() if b else {"queued": 0, "queued_rows": 0, "queued_bytes": 0}),
+                    "waiting_for_load": len(waiting.get(s.key, ())),
                     "idle_seconds": round(now - s.last_used, 3),
                     "priority": self._policy(s.device).priority(s.key),
                     "loads": s.stats.loads,
@@ -286,6 +356,7 @@ class ModelManager:
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued batches and drop every model."""
         self._closed.set()
+        self.pressure.stop()
         with self._lock:
             slots = list(self._slots.values())
             self._slots.clear()
@@ -295,10 +366,21 @@ class ModelManager:
             if s.batcher is not None:
                 s.batcher.drain(max(0.0, deadline - time.monotonic()))
 
-    # -- loading ------------------------------------------------------------------------
-    def _load(self, key: str, spec: loaders.ModelSpec, old: ModelSlot | None) -> ModelSlot:
-        """Under the load lock: make room, load, measure, install."""
-        device = loaders.resolve_device(spec.device)
+    # -- loading: under the load lock (also for swap.py) ---------------------------------
+    @contextmanager
+    def _loading(self) -> Iterator[DeferredLog]:
+        """Hold the load lock; what is logged meanwhile is written once it is released."""
+        notes = DeferredLog()
+        try:
+            with self._load_lock:
+                yield notes
+        finally:
+            notes.flush()
+
+    def load(self, key: str, spec: loaders.ModelSpec, old: ModelSlot | None, notes: DeferredLog) -> ModelSlot:
+        """Under the load lock: make room, load, measure, install. A loaded ``old``
+        version is retired (``swap.retire``) once the new one serves."""
+        device = loaders.resolve_device(spec.device, notes)
         budget = self.budget(device)
         same = old is not None and old.spec == spec and old.footprint
         expected = old.footprint if same and old is not None else estimate_bytes(spec)
@@ -307,28 +389,43 @@ class ModelManager:
                 f"model {key!r} needs about {expected} bytes, more than the whole {budget}-byte "
                 f"budget of {device}"
             )
-        self._make_room(key, device, expected)
-        model, footprint, measured, nvml_delta, seconds = self._measured_load(key, spec, device)
+        self.make_room(key, device, expected, notes)
+        loaded = measured_load(
+            key,
+            spec,
+            device,
+            self.host,
+            collect=self._collect,
+            relieve=lambda: self._on_oom(device, notes),
+            notes=notes,
+        )
+        model, footprint = loaded.model, loaded.footprint
         try:
             if budget is not None and footprint > budget:
                 raise OutOfMemory(
                     f"model {key!r} takes {footprint} bytes, more than the whole {budget}-byte budget of {device}"
                 )
-            self._make_room(key, device, footprint)
+            self.make_room(key, device, footprint, notes)
         except OutOfMemory:
-            del model
+            del model, loaded
             self._collect()
             raise
         if self._closed.is_set():
-            del model
+            del model, loaded
             raise OutOfMemory("the server is stopping")
         with self._lock:
             old = self._slots.get(key)
             batch_stats = old.batch_stats if old is not None else BatchStats()
             batcher = Batcher(
-                key, model, on_idle=self._notify_idle, on_oom=lambda: self._on_oom(device), stats=batch_stats
+                key,
+                model,
+                on_idle=self._notify_idle,
+                on_oom=lambda: self._on_oom(device),
+                stats=batch_stats,
+                limits=self.limits,
+                merge=not self.deterministic,
             )
-            slot = ModelSlot(key, spec, device, batcher, footprint, measured, nvml_delta)
+            slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
             slot.batch_stats = batch_stats
             slot.info = {
                 "model_id": batcher.model_id,
@@ -348,134 +445,24 @@ class ModelManager:
                     self.retiring += 1
                     self._retiring_bytes[old.device] = self._retiring_bytes.get(old.device, 0) + old.footprint
             slot.stats.loads += 1
-            slot.stats.load_seconds += seconds
-            slot.stats.last_load_seconds = seconds
+            slot.stats.load_seconds += loaded.seconds
+            slot.stats.last_load_seconds = loaded.seconds
             self._slots[key] = slot
-            self._policy(device).loaded(key, footprint, seconds)
+            self._policy(device).loaded(key, footprint, loaded.seconds)
         if retired is not None:
-            threading.Thread(
-                target=self._retire, args=(retired, *retired_charge), name=f"retire-{key}", daemon=True
-            ).start()
-        log.info(
+            swap.retire(retired, key, self.release, lambda: self._retired(*retired_charge))
+        notes.info(
+            log,
             "loaded %s (%s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
-            key, spec.model_id, device, seconds, model.nbytes, measured, footprint,
+            key, spec.model_id, device, loaded.seconds, model.nbytes, loaded.measured, footprint,
         )  # fmt: skip
         return slot
 
-    def _swap(self, key: str, spec: loaders.ModelSpec, old: ModelSlot) -> ModelSlot:
-        """Under the load lock: replace ``key``'s loaded version with ``spec``.
-
-        Beside: when the budget holds both (after evicting idle models of other keys), the
-        new version loads while the old one serves, then becomes current atomically; the
-        old one finishes its queued batches on a retiring thread and is freed.
-
-        Drain first: when it does not, the new version is checked (its checkpoint read
-        memory-mapped against its class), the old one is taken out of service, finishes
-        its in-flight batches and is freed, and the new one loads. Requests that arrive
-        meanwhile wait for the load (``get`` reloads under the same lock), so none fails.
-        If the new version still fails to load, the old one is loaded back.
-
-        A version that fails to load is rejected with a logged error; the old one keeps
-        serving. Either way ``stats.failed_swaps`` counts it."""
-        device = loaders.resolve_device(spec.device)
-        budget = self.budget(device)
-        expected = max(estimate_bytes(spec), old.footprint if old.device == device else 0)
-        beside = budget is None or self._make_room(key, device, expected, wait=False)
-        try:
-            if beside:
-                return self._load(key, spec, old)
-            loaders.check(spec)
-        except Exception as exc:
-            old.stats.failed_swaps += 1
-            log.error(
-                "new version of %s (%s) rejected, %s keeps serving: %s",
-                key,
-                spec.model_id,
-                old.spec.model_id,
-                exc,
-            )
-            raise
-        log.info("swapping %s: %s cannot hold both versions; draining the old one first", key, device)
-        with self._lock:
-            old_spec = old.spec
-            retired = self._detach(old, evicted=False)
-        self._release([retired])
-        try:
-            return self._load(key, spec, old)
-        except Exception as exc:
-            old.stats.failed_swaps += 1
-            self._restore(key, old_spec, old, spec, exc)
-            raise
-
-    def _restore(
-        self, key: str, old_spec: loaders.ModelSpec, old: ModelSlot, spec: loaders.ModelSpec, exc: Exception
-    ) -> None:
-        """After a drained swap whose new version failed to load: load the old one back,
-        if its file still holds it (not when the new version was written over it)."""
-        replaced = old_spec.revision and loaders.file_revision(old_spec.path) != old_spec.revision
-        if old_spec.path == spec.path or replaced:
-            log.error(
-                "new version of %s (%s) failed to load after the old one was drained, and the old "
-                "one's file now holds something else: %s serves nothing until a loadable version "
-                "is registered: %s",
-                key, spec.model_id, key, exc,
-            )  # fmt: skip
-            with self._lock:
-                old.spec = spec  # what the file holds; a later request retries it
-            return
-        try:
-            self._load(key, old_spec, old)
-        except Exception as again:
-            log.error(
-                "new version of %s rejected, and the old one failed to load back: %s; %s", key, exc, again
-            )
-            return
-        log.error(
-            "new version of %s (%s) rejected, %s serves again: %s", key, spec.model_id, old_spec.model_id, exc
-        )
-
-    def _measured_load(
-        self, key: str, spec: loaders.ModelSpec, device: str
-    ) -> tuple[Any, int, int, int, float]:
-        """Load once (twice after a CUDA out-of-memory, with the device's idle models
-        evicted in between) and measure what it took."""
-        for attempt in (1, 2):
-            self._collect()
-            rss0 = self.host.rss()
-            alloc0 = memory.torch_allocated(device)
-            nvml0 = memory.Nvml.read(memory.device_index(device)) if device != "cpu" else None
-            started = time.monotonic()
-            try:
-                model = loaders.load(spec, owner=key)
-            except ModelLoadError:
-                raise
-            except MemoryError:
-                raise OutOfMemory(f"loading {key!r} ran out of host memory") from None
-            except Exception as exc:
-                if _is_cuda_oom(exc) and attempt == 1:
-                    log.warning("CUDA ran out of memory loading %s; evicting idle models and retrying", key)
-                    self._on_oom(device)
-                    continue
-                if _is_cuda_oom(exc):
-                    raise OutOfMemory(f"loading {key!r} ran out of memory on {device}: {exc}") from None
-                log.exception("loading %s failed", key)
-                raise ModelLoadError(f"loading {key!r} failed: {type(exc).__name__}: {exc}") from None
-            seconds = time.monotonic() - started
-            if device == "cpu":
-                measured = max(0, self.host.rss() - rss0)
-                nvml_delta = 0
-            else:
-                measured = max(0, memory.torch_allocated(device) - alloc0)
-                nvml1 = memory.Nvml.read(memory.device_index(device))
-                nvml_delta = (nvml1.used - nvml0.used) if nvml0 and nvml1 else 0
-            return model, charged_bytes(model.nbytes, measured), measured, nvml_delta, seconds
-        raise AssertionError("unreachable")
-
-    # -- making room ----------------------------------------------------------------------
-    def _make_room(self, key: str, device: str, needed: int, *, wait: bool = True) -> bool:
-        """Evict idle models on ``device`` until ``needed`` more bytes fit its budget,
-        waiting up to ``load_wait`` seconds for busy models to go idle (``wait=False``:
-        return False at once instead of waiting or failing). True when it fits."""
+    def make_room(self, key: str, device: str, needed: int, notes: DeferredLog, *, wait: bool = True) -> bool:
+        """Under the load lock: evict idle models on ``device`` until ``needed`` more
+        bytes fit its budget, waiting up to ``load_wait`` seconds for busy models to go
+        idle (``wait=False``: return False at once instead of waiting or failing). True
+        when it fits."""
         budget = self.budget(device)
         if budget is None:
             return True
@@ -505,9 +492,28 @@ class ModelManager:
                     finally:
                         self.waiting_loads -= 1
                     continue
-            log.info("evicting %s from %s to make room for %s", ", ".join(chosen), device, key)
-            self._release(victims)
+            notes.info(log, "evicting %s from %s to make room for %s", ", ".join(chosen), device, key)
+            self.release(victims)
 
+    def take_out_of_service(self, slot: ModelSlot) -> Batcher:
+        """Detach a loaded version that is being replaced (not an eviction)."""
+        with self._lock:
+            return self._detach(slot, evicted=False)
+
+    def set_spec(self, slot: ModelSlot, spec: loaders.ModelSpec) -> None:
+        """Make an unloaded key serve ``spec`` when it next loads."""
+        with self._lock:
+            slot.spec = spec
+
+    def release(self, batchers: list[Batcher]) -> None:
+        """Outside the registry lock: let detached models finish their queued batches,
+        then free them."""
+        for b in batchers:
+            b.drain()  # also drops its reference to the model
+        batchers.clear()  # and so does the caller's list
+        self._collect()
+
+    # -- bookkeeping under the registry lock ------------------------------------------------
     def _idle_keys(self, device: str) -> list[str]:
         """Under the lock: the models on ``device`` that may be evicted now."""
         return [
@@ -526,23 +532,12 @@ class ModelManager:
         self._policy(slot.device).evicted(slot.key)
         return batcher
 
-    def _retire(self, batcher: Batcher, device: str, footprint: int) -> None:
-        """A swapped-out version: finish its queued batches, then free it. Its footprint
-        stays charged to its device until then, so other loads cannot overrun the budget."""
-        try:
-            self._release([batcher])
-        finally:
-            with self._lock:
-                self.retiring -= 1
-                self._retiring_bytes[device] -= footprint
-                self._idle.notify_all()  # loads waiting for room look again
-
-    def _release(self, batchers: list[Batcher]) -> None:
-        """Outside the lock: let detached models finish their queued batches, then free them."""
-        for b in batchers:
-            b.drain()  # also drops its reference to the model
-        batchers.clear()  # and so does the caller's list
-        self._collect()
+    def _retired(self, device: str, footprint: int) -> None:
+        """A retired version is freed: its footprint is no longer charged."""
+        with self._lock:
+            self.retiring -= 1
+            self._retiring_bytes[device] -= footprint
+            self._idle.notify_all()  # loads waiting for room look again
 
     def _collect(self) -> None:
         gc.collect()
@@ -556,48 +551,15 @@ class ModelManager:
         with self._lock:
             self._idle.notify_all()
 
-    def _on_oom(self, device: str) -> None:
+    def _on_oom(self, device: str, notes: DeferredLog | None = None) -> None:
+        """CUDA (or the host) ran out of memory: evict the device's idle models. ``notes``
+        when called under the load lock."""
         freed = self.relieve(device)
-        log.warning("out of memory on %s: evicted %d idle models", device, freed)
+        if notes is not None:
+            notes.warning(log, "out of memory on %s: evicted %d idle models", device, freed)
+        else:
+            log.warning("out of memory on %s: evicted %d idle models", device, freed)
         if device != "cpu":
             import torch
 
             torch.cuda.empty_cache()
-
-    # -- pressure from outside ------------------------------------------------------------
-    def _watch_pressure(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            try:
-                self.check_pressure()
-            except Exception:
-                log.exception("memory watcher failed")
-
-    def check_pressure(self) -> int:
-        """Evict idle models on any device that the machine is running short on."""
-        evicted = 0
-        short = self.min_free_bytes - self.host.available()
-        if short > 0:
-            evicted += self._shed("cpu", short)
-        for reading in memory.gpus():
-            device = f"cuda:{reading.index}"
-            gpu_short = int(reading.total * (1 - self.gpu_fraction)) - reading.free
-            if gpu_short > 0:
-                evicted += self._shed(device, gpu_short)
-        return evicted
-
-    def _shed(self, device: str, nbytes: int) -> int:
-        with self._lock:
-            idle = self._idle_keys(device)
-            chosen = self._policy(device).choose_victims(idle, nbytes)
-            victims = [self._detach(self._slots[k]) for k in chosen]
-        if victims:
-            log.warning(
-                "memory pressure on %s (%d bytes short): evicting %s", device, nbytes, ", ".join(chosen)
-            )
-            self.pressure_evictions += len(victims)
-            self._release(victims)
-        return len(chosen)
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)

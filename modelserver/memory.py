@@ -53,6 +53,9 @@ class Nvml:
 
     @classmethod
     def module(cls) -> Any:
+        """The initialised pynvml module, or None. The server calls it once before serving,
+        so its one-time note is not written under a lock a load holds."""
+        failure = None
         with cls._lock:
             if cls._module is None and not cls._failed:
                 try:
@@ -61,9 +64,12 @@ class Nvml:
                     pynvml.nvmlInit()
                     cls._module = pynvml
                 except Exception as exc:  # no library, no driver, no device
-                    log.debug("NVML unavailable: %s", exc)
+                    failure = exc
                     cls._failed = True
-            return cls._module
+            module = cls._module
+        if failure is not None:
+            log.debug("NVML unavailable: %s", failure)
+        return module
 
     @classmethod
     def count(cls) -> int:
@@ -82,8 +88,7 @@ class Nvml:
             return None
         try:
             info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-        except Exception as exc:
-            log.debug("NVML reading of GPU %d failed: %s", index, exc)
+        except Exception:  # no reading (callers fall back); not logged: loads read under their lock
             return None
         return GpuReading(index, int(info.total), int(info.used), int(info.free))
 
@@ -129,3 +134,14 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory: ``torch.cuda.OutOfMemoryError``, or
+    a RuntimeError that says so (what some torch operations raise instead). The one test
+    for it: loads, batches and the loaders all ask here."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)

@@ -3,18 +3,30 @@
 Every request is a msgpack map with ``op`` and ``id`` (an int the client chooses; several
 requests may be in flight on one connection and replies may come back in any order).
 Every reply carries the request's ``id`` and ``ok``; a failed one carries
-``error: {code, message}`` (see ``errors``). A reply with ``id`` None reports a
-connection-level failure (a bad frame) just before the server closes that connection.
+``error: {code, message}`` (see ``errors``; ``overloaded`` adds ``retry_after``, seconds).
+A reply with ``id`` None reports a connection-level failure (a bad frame) just before the
+server closes that connection.
 
-    op        request fields                    reply fields (ok)
-    hello     version, pid                      version, server_pid, max_frame_bytes
-    load      key, spec (a ModelSpec as a map)  model_id, device, nbytes, methods, spec
-    infer     key, inputs, kwargs, method       outputs, model_id
+    op        request fields                        reply fields (ok)
+    hello     version, pid                          version, server_pid, max_frame_bytes
+    load      key, spec (a ModelSpec as a map),     model_id, device, nbytes, footprint,
+              replace (bool, default true: a key    methods (the public methods a request
+              serving another spec swaps to this    may name), spec (the spec the key
+              one; false: the key keeps its spec)   serves now)
+    infer     key, inputs, kwargs, method           outputs, model_id
               (inputs: the batch, rows along dim 0, concatenated with other requests'
-              when merged; kwargs: side arguments, equal in every merged request;
-              method: a public method of the model, default "forward")
-    status    -                                 status (see ModelServer.status)
-    shutdown  -                                 - (the server then stops)
+              when merged, never in the deterministic mode; kwargs: side arguments,
+              equal in every merged request; method: a public method of the model,
+              default "forward")
+    status    -                                     status (see ModelServer.status)
+    shutdown  -                                     - (the server then stops)
+
+Errors of an ``infer``: unknown_model (no such key), bad_request (a method that is not
+public), bad_input (arguments the method's signature does not take), model_error (the
+model raised; its traceback in the message), overloaded (the model's queue is full:
+retry after ``retry_after`` seconds), out_of_memory, internal. Of a ``load``:
+load_failed, out_of_memory. Of any request: bad_request (unknown op, missing or mistyped
+field).
 
 Operations are dispatched from this table, never by name lookup on an object.
 """

@@ -22,13 +22,14 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import psutil
 
-from modelserver import config, loaders, memory, protocol, wire
+from modelserver import config, loaders, memory, protocol, serverlog, wire
 from modelserver.batcher import Work
-from modelserver.connection import Connection
+from modelserver.connection import DEFAULT_MAX_BACKLOG, Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
 from modelserver.manager import ModelManager
 
@@ -56,12 +57,16 @@ class ModelServer:
         memory_budget: int | None = None,
         max_frame_bytes: int = wire.DEFAULT_MAX_BODY,
         idle_timeout: float | None = None,
+        max_reply_backlog: int = DEFAULT_MAX_BACKLOG,
         **manager_options: Any,
     ):
-        """``memory_budget``: host bytes for models (None: no limit). ``manager_options``
-        go to ModelManager (gpu_fraction, load_wait, policy, min_free_bytes)."""
+        """``memory_budget``: host bytes for models (None: no limit). ``max_reply_backlog``:
+        reply bytes a client may leave unread before its connection stops reading requests.
+        ``manager_options`` go to ModelManager (gpu_fraction, load_wait, policy,
+        min_free_bytes, limits, deterministic)."""
         self.socket_path = config.socket_path(socket_path)
         self.max_frame_bytes = max_frame_bytes
+        self.max_reply_backlog = max_reply_backlog
         self.idle_timeout = idle_timeout
         memory.fix_mmap_threshold()
         self.manager = ModelManager(memory_budget, **manager_options)
@@ -121,6 +126,9 @@ class ModelServer:
 
         import torch
 
+        memory.Nvml.module()  # NVML's one-time set-up (and its note) now, outside any lock
+        if self.manager.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         with torch.inference_mode():
             torch.nn.Linear(4, 4)(torch.zeros(2, 4))
         # Everything alive now (torch's own hundreds of thousands of objects) lives as long
@@ -219,7 +227,9 @@ class ModelServer:
             log.warning("refusing a connection from pid %d: uid %d is not ours", pid, uid)
             sock.close()
             return
-        conn = Connection(sock, pid, self._dispatch, self._forget, self.max_frame_bytes)
+        conn = Connection(
+            sock, pid, self._dispatch, self._forget, self.max_frame_bytes, self.max_reply_backlog
+        )
         with self._conn_lock:
             self._connections.add(conn)
             self._last_activity = time.monotonic()
@@ -270,24 +280,21 @@ class ModelServer:
 
     def _infer(self, conn: Connection, request: protocol.Infer) -> None:
         rid = request.id
-        for _attempt in range(3):
-            batcher = self.manager.get(request.key)  # pinned: not evictable until submitted
-            model_id = batcher.model_id
+        # The reply reads the model_id the batcher stamps on the work through a weak
+        # reference: a work -> reply -> work cycle would keep a refused request's inputs
+        # alive until the next garbage collection, and a flood of them would pile up.
+        this: list[weakref.ref[Work]] = []
 
-            def reply(outputs: Any, error: BeamletError | None, model_id: str = model_id) -> None:
-                if error is not None:
-                    conn.send(protocol.error_reply(rid, error))
-                else:
-                    conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=model_id))
-
-            try:
-                batcher.submit(Work(request.inputs, request.kwargs, reply, request.method))
+        def reply(outputs: Any, error: BeamletError | None) -> None:
+            if error is not None:
+                conn.send(protocol.error_reply(rid, error))
                 return
-            except InternalError:
-                continue  # swapped for a new version between lookup and submit: look again
-            finally:
-                batcher.unpin()
-        raise InternalError(f"model {request.key!r} kept being replaced; try again")
+            work = this[0]()
+            conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=work.model_id if work else ""))
+
+        work = Work(request.inputs, request.kwargs, reply, request.method)
+        this.append(weakref.ref(work))
+        self.manager.submit(request.key, work)  # queues, runs now, or waits for a reload: never loads here
 
     def _load(self, conn: Connection, request: protocol.Load) -> None:
         # Loading can take long: do it off the reader thread so this connection's other
@@ -309,8 +316,9 @@ class ModelServer:
     def status(self) -> dict[str, Any]:
         proc = psutil.Process()
         with self._conn_lock:
-            clients = sorted({c.peer_pid for c in self._connections})
-            n_conn = len(self._connections)
+            conns = list(self._connections)
+        clients = sorted({c.peer_pid for c in conns})
+        limits = self.manager.limits
         return {
             "pid": os.getpid(),
             "socket": self.socket_path,
@@ -325,9 +333,15 @@ class ModelServer:
             "retiring_versions": self.manager.retiring,
             "devices": self.manager.devices(),
             "max_frame_bytes": self.max_frame_bytes,
-            "connections": n_conn,
+            "deterministic": self.manager.deterministic,
+            "max_queue_rows": limits.rows,
+            "max_queue_bytes": limits.nbytes,
+            "max_reply_backlog": self.max_reply_backlog,
+            "reply_backlog_bytes": sum(c.backlog_bytes for c in conns),
+            "connections": len(conns),
             "client_pids": clients,
             "requests": self._requests,
             "rejected_peers": self._rejected_peers,
+            "log_records_dropped": serverlog.dropped(),
             "models": self.manager.status(),
         }

@@ -283,7 +283,7 @@ def test_dead_letters_and_a_model_update_from_a_side_input(beam_dir: str) -> Non
 
     got, failed = read_lines(out), read_lines(dead)
     assert len(got) == len(good) and len(failed) == len(bad)
-    assert "BadInput" in failed[0]
+    assert "ModelError" in failed[0]
     for r in got:
         assert r["model_id"] == v2
         with torch.inference_mode():

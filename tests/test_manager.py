@@ -66,11 +66,7 @@ def infer(m: ModelManager, key: str, x: torch.Tensor) -> torch.Tensor:
 
     from modelserver.batcher import Work
 
-    batcher = m.get(key)
-    try:
-        batcher.submit(Work(x, {}, reply))
-    finally:
-        batcher.unpin()
+    m.submit(key, Work(x, {}, reply))
     assert done.wait(30)
     if box["err"] is not None:
         raise box["err"]

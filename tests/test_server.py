@@ -18,9 +18,9 @@ import torch
 from modelserver import userclass, wire
 from modelserver.channel import Channel
 from modelserver.errors import (
-    BadInput,
     BadRequest,
     FrameTooLarge,
+    ModelError,
     ModelLoadError,
     ModelNotFound,
     ProtocolError,
@@ -73,14 +73,14 @@ def test_many_requests_in_flight_on_one_connection(server, mlp):
             assert torch.allclose(r["outputs"], model(x))
 
 
-def test_wrong_shape_and_dtype_are_bad_input_and_the_server_keeps_serving(server, mlp):
+def test_wrong_shape_and_dtype_are_model_errors_and_the_server_keeps_serving(server, mlp):
     model, _ = mlp
     with server.channel() as ch:
-        with pytest.raises(BadInput, match=r"float32\[3, 5\].*shapes cannot be multiplied"):
+        with pytest.raises(ModelError, match=r"float32\[3, 5\].*shapes cannot be multiplied"):
             ch.request({"op": "infer", "key": "mlp", "inputs": torch.randn(3, 5)})
-        with pytest.raises(BadInput, match=r"float64\[3, 8\]"):
+        with pytest.raises(ModelError, match=r"float64\[3, 8\]"):
             ch.request({"op": "infer", "key": "mlp", "inputs": torch.randn(3, 8, dtype=torch.float64)})
-        with pytest.raises(BadInput, match="int64"):
+        with pytest.raises(ModelError, match="int64"):
             ch.request({"op": "infer", "key": "mlp", "inputs": torch.arange(8).reshape(1, 8)})
         # the same connection is still good
         out = ch.request({"op": "infer", "key": "mlp", "inputs": torch.ones(1, 8)})["outputs"]
