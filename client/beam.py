@@ -57,8 +57,8 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference import base as beam_base
 
 from client import autostart
-from client.handlers import ModelHandler as BeamletHandler
 from client.handlers import ConfigurationError, RemoteModel
+from client.handlers import ModelHandler as BeamletHandler
 from client.inference import models as inference_models
 from client.keyed import KeyModelPathMapping, keyed_handler_of
 from client.keyed import _KeyedModels as BeamletHandlerModels
