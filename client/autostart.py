@@ -63,16 +63,18 @@ def ensure_server(
     idle_timeout: Any = FROM_ENV,
     *,
     probe_timeout: float = PROBE_TIMEOUT,
-) -> None:
+) -> subprocess.Popen[bytes] | None:
     """Return once a server answers at ``path``, starting one if none runs (with
-    ``extra_args`` and ``idle_timeout``, as ``spawn_server`` takes them). Raises
-    ``ServerUnavailable`` when none answers within ``timeout`` seconds, PermissionError
-    when the socket's directory is not private to us."""
+    ``extra_args`` and ``idle_timeout``, as ``spawn_server`` takes them): the process
+    this call started (a thread reaps it when it exits), or None when a server was
+    already running or being started. Raises ``ServerUnavailable`` when none answers
+    within ``timeout`` seconds, PermissionError when the socket's directory is not
+    private to us."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
         if server_alive(path, probe_timeout):
-            return
+            return None
         lock = StartLock.try_acquire(path)
         if lock is not None:
             break
@@ -95,6 +97,7 @@ def ensure_server(
     finally:
         # Reap it whenever it exits, so no zombie stays behind in a long-lived worker.
         threading.Thread(target=proc.wait, name=f"reap-modelserver-{proc.pid}", daemon=True).start()
+    return proc
 
 
 def wait_until_serving(
