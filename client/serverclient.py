@@ -27,6 +27,7 @@ nothing until it ends.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -48,6 +49,7 @@ LOAD_TIMEOUT = 300.0  # the least silence a load may take: a big checkpoint, a w
 MAX_IDLE_CHANNELS = 32
 RECONNECT_DELAY = (0.05, 1.0)  # first and longest pause between reconnects
 OVERLOADED_DELAY = (0.05, 2.0)  # first pause (when the server names none) and longest
+MAX_RETRY_AFTER = 10.0  # the longest first pause a server may ask for
 
 
 class ServerClient:
@@ -217,8 +219,10 @@ def _retry_after(exc: BaseException) -> float:
     try:
         seconds = float(getattr(exc, "retry_after", None) or OVERLOADED_DELAY[0])
     except (TypeError, ValueError):
-        seconds = OVERLOADED_DELAY[0]
-    return min(max(seconds, 0.001), 10.0) if seconds == seconds else OVERLOADED_DELAY[0]
+        return OVERLOADED_DELAY[0]
+    if not math.isfinite(seconds):
+        return OVERLOADED_DELAY[0]
+    return min(max(seconds, 0.001), MAX_RETRY_AFTER)
 
 
 _shared: dict[str, ServerClient] = {}

@@ -119,9 +119,9 @@ class Channel:
         except TimeoutError:
             self.close()
             raise ServerUnavailable(
-                f"the model server at {self.path} sent nothing for {silence:g}s while a request was "
-                f"in flight (stopped, wedged, or busier than the request timeout: ServerClient("
-                f"request_timeout=...) or ${config.REQUEST_TIMEOUT_ENV}); connection closed"
+                f"the model server at {self.path} did not answer for {silence:g}s while a request "
+                f"was in flight (stopped, wedged, or busy for longer than the request timeout: "
+                f"ServerClient(request_timeout=...) or ${config.REQUEST_TIMEOUT_ENV}); connection closed"
             ) from None
         except OSError as exc:
             self.close()
