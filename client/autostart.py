@@ -1,12 +1,22 @@
 """Start the per-machine model server when none answers on the socket.
 
-Any number of processes may call ``ensure_server`` at once. Each that finds no server
-spawns ``python -m modelserver serve``; the servers race for the server lock (see
-``modelserver.server``), one wins, the others exit with EXIT_ALREADY_RUNNING, and every
-caller waits until the winner answers. An auto-started server runs in its own session
-(a Ctrl-C meant for the job does not reach it), logs to ``modelserver.log`` beside its
-socket, and exits after ``BEAMLET_SERVER_IDLE_TIMEOUT`` seconds (default 120) with no
-client connected, so it never outlives its jobs by much.
+Any number of processes may call ``ensure_server`` at once, and exactly one server is
+spawned. The start is decided by the start lock (``modelserver.startlock``: an flock on
+``<socket>.lock`` in the socket's private directory), which a live server holds for its
+whole life. A caller that finds no server answering tries the lock: if it gets it, no
+server runs (a stale socket file is just that), so it spawns one and hands the lock over
+to it; if it does not, a server runs or is starting, and the caller waits for it to
+answer. Only the directory's owner can take the lock, so no other user can block the
+start or stand in for the server.
+
+An auto-started server runs in its own session (a Ctrl-C meant for the job does not
+reach it), logs to ``modelserver.log`` beside its socket (a line there records each
+start, and who asked for it), and exits after ``BEAMLET_SERVER_IDLE_TIMEOUT`` seconds
+(default 120) with no client connected, so it never outlives its jobs by much.
+
+Every wait here has a deadline: a server that holds the lock but never answers (stopped
+with SIGSTOP, wedged) makes ``ensure_server`` fail with ``ServerUnavailable`` after
+``timeout`` seconds, and each probe of it is bounded by ``probe_timeout``.
 """
 
 from __future__ import annotations
@@ -23,21 +33,24 @@ import modelserver
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import ServerUnavailable
+from modelserver.startlock import FD_ENV, StartLock, lock_path
 
 log = logging.getLogger("beamlet.autostart")
 
 IDLE_TIMEOUT_ENV = "BEAMLET_SERVER_IDLE_TIMEOUT"
 DEFAULT_IDLE_TIMEOUT = 120.0
 START_TIMEOUT = 60.0
+PROBE_TIMEOUT = 2.0  # a live server says hello in milliseconds, even while it computes
 EXIT_ALREADY_RUNNING = 3  # modelserver.server.EXIT_ALREADY_RUNNING, without importing torch
 
 
 FROM_ENV: Any = object()  # "take the idle timeout from BEAMLET_SERVER_IDLE_TIMEOUT"
 
 
-def server_alive(path: str) -> bool:
+def server_alive(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True when a server at ``path`` answers a hello within ``timeout`` seconds."""
     try:
-        Channel(path, connect_timeout=2.0).close()
+        Channel(path, connect_timeout=timeout, request_timeout=timeout).close()
         return True
     except ServerUnavailable:
         return False
@@ -48,36 +61,72 @@ def ensure_server(
     extra_args: list[str] | None = None,
     timeout: float = START_TIMEOUT,
     idle_timeout: Any = FROM_ENV,
-) -> None:
-    """Return once a server answers at ``path``, starting one if needed (with
-    ``idle_timeout``, as ``spawn_server`` takes it, when given)."""
-    if server_alive(path):
-        return
-    proc = spawn_server(path, extra_args, idle_timeout)
+    *,
+    probe_timeout: float = PROBE_TIMEOUT,
+) -> subprocess.Popen[bytes] | None:
+    """Return once a server answers at ``path``, starting one if none runs (with
+    ``extra_args`` and ``idle_timeout``, as ``spawn_server`` takes them): the process
+    this call started (a thread reaps it when it exits), or None when a server was
+    already running or being started. Raises ``ServerUnavailable`` when none answers
+    within ``timeout`` seconds, PermissionError when the socket's directory is not
+    private to us."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if server_alive(path, probe_timeout):
+            return None
+        lock = StartLock.try_acquire(path)
+        if lock is not None:
+            break
+        if time.monotonic() + delay > deadline:
+            raise ServerUnavailable(
+                f"no model server answered at {path} within {timeout:.0f}s, and one holds "
+                f"{lock_path(path)} (starting, or stopped/wedged); see {log_path(path)}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+    # We hold the lock, so no server runs: start one and hand the lock to it.
     try:
-        wait_until_serving(path, proc, timeout)
+        proc = spawn_server(path, extra_args, idle_timeout, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    lock.detach()
+    try:
+        wait_until_serving(path, proc, max(deadline - time.monotonic(), probe_timeout), probe_timeout)
     finally:
         # Reap it whenever it exits, so no zombie stays behind in a long-lived worker.
         threading.Thread(target=proc.wait, name=f"reap-modelserver-{proc.pid}", daemon=True).start()
+    return proc
 
 
-def wait_until_serving(path: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Poll until a server answers at ``path``; fail early if ``proc`` died for a reason
-    other than losing the start race."""
+def wait_until_serving(
+    path: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = START_TIMEOUT,
+    probe_timeout: float = PROBE_TIMEOUT,
+) -> None:
+    """Poll until a server answers at ``path``, for up to ``timeout`` seconds; raise
+    ``ServerUnavailable`` then, or as soon as ``proc`` (the server we started, if any)
+    exits for a reason other than another server holding the path (code 3, then we wait
+    for that one)."""
     deadline = time.monotonic() + timeout
     delay = 0.02
-    while time.monotonic() < deadline:
-        if server_alive(path):
+    while True:
+        if server_alive(path, probe_timeout):
             return
-        code = proc.poll()
+        code = proc.poll() if proc is not None else None
         if code is not None and code != EXIT_ALREADY_RUNNING:
             raise ServerUnavailable(
                 f"the model server started for {path} exited with code {code}; "
                 f"see {log_path(path)}:\n{_tail(log_path(path))}"
             )
+        if time.monotonic() + delay > deadline:
+            raise ServerUnavailable(
+                f"no model server answered at {path} within {timeout:.0f}s; see {log_path(path)}"
+            )
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
-    raise ServerUnavailable(f"no model server answered at {path} within {timeout:.0f}s; see {log_path(path)}")
 
 
 def log_path(path: str) -> str:
@@ -85,10 +134,18 @@ def log_path(path: str) -> str:
 
 
 def spawn_server(
-    path: str, extra_args: list[str] | None = None, idle_timeout: Any = FROM_ENV
+    path: str,
+    extra_args: list[str] | None = None,
+    idle_timeout: Any = FROM_ENV,
+    *,
+    lock: StartLock | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m modelserver serve`` for ``path`` in its own session. The idle
-    timeout comes from BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none."""
+    timeout comes from BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none.
+
+    With ``lock`` (the start lock, held), the server inherits it and keeps it: the caller
+    then only ``detach``es its own copy. Without, the server takes the lock itself, or
+    exits with code 3 when another server holds it."""
     config.ensure_private_dir(os.path.dirname(path))
     if idle_timeout is FROM_ENV:
         idle_timeout = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
@@ -101,8 +158,13 @@ def spawn_server(
     # a virtualenv), whatever its working directory.
     root = os.path.dirname(os.path.dirname(os.path.abspath(modelserver.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop(FD_ENV, None)
+    if lock is not None:
+        env.update(lock.child_env())
     fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"{stamp} INFO {log.name}[{os.getpid()}]: starting a model server for {path}\n".encode())
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -112,6 +174,7 @@ def spawn_server(
             cwd="/",
             start_new_session=True,
             close_fds=True,
+            pass_fds=(lock.fd,) if lock is not None else (),
         )
     finally:
         os.close(fd)

@@ -15,12 +15,12 @@ as its clients.
 What it promises:
 
 - With ``large_model=True`` every batch goes to the VM's model server. The first SDK
-  worker on the VM that loads the model starts it (beamlet's auto-start: whoever races,
-  exactly one server wins); every other worker on the VM uses that one. The server exits
-  ``server_idle_timeout`` seconds after its last client leaves: an SDK worker keeps its
-  connection for as long as it lives, so the server lives as long as the VM's workers
-  do, and nothing stays behind (the lock is an abstract socket; the socket file is
-  removed on exit).
+  worker on the VM that loads the model starts it (beamlet's auto-start: however many
+  race, exactly one server is started); every other worker on the VM uses that one. The
+  server exits ``server_idle_timeout`` seconds (default 10) after its last client leaves:
+  an SDK worker keeps its connection for as long as it lives, so the server lives as long
+  as the VM's workers do (and a worker back within the timeout finds it), and nothing
+  stays behind (its socket and lock files are removed on exit).
 - Beam sees a model that is *not* shared across processes
   (``share_model_across_processes()`` is False): beamlet shares it, so Beam's own
   machinery for that (``multi_process_shared``: a pickled-RPC proxy per model, with
@@ -68,7 +68,7 @@ from modelserver import config
 
 log = logging.getLogger("beamlet.beam")
 
-DEFAULT_SERVER_IDLE_TIMEOUT = 60.0
+DEFAULT_SERVER_IDLE_TIMEOUT = 10.0  # gone ~11 s after the job; a worker back by then reuses it
 SERVER_PID_METRIC = "beamlet_model_server_pid"
 MODEL_BYTES_METRIC = "beamlet_model_byte_size"
 
@@ -261,9 +261,10 @@ def _to_beam(result: Any) -> Any:
 
 
 def _socket_paths(handler: BeamletHandler[Any, Any, Any]) -> set[str | None]:
-    keyed = keyed_handler_of(handler)
-    if keyed is not None:
-        return keyed.socket_paths()
+    if hasattr(handler, "socket_paths"):  # KeyedModelHandler (and any wrapper of one)
+        return set(handler.socket_paths())
     if handler.share_model_across_processes():
+        # Until every beamlet handler has socket_paths() (client/handlers.py), the
+        # single-model handler's own setting:
         return {getattr(handler, "_socket_path", None)}
     return set()

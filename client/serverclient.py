@@ -6,7 +6,20 @@ fork-safe: it remembers the pid that built the pool, and a forked child starts a
 pool instead of sharing its parent's sockets. When the server is gone it reconnects,
 starting a server if none runs (``autostart``), and retries: inference is idempotent.
 When the server does not know a model (it restarted, or evicted the registration), the
-client registers the model's spec again and retries.
+client registers the model's spec again and retries. When the server answers
+``Overloaded``, the client backs off (the server's ``retry_after``, growing, with jitter)
+and retries within the same budget.
+
+Nothing waits forever. A request fails with ``ServerUnavailable`` when the server sends
+nothing for ``request_timeout`` seconds while it is in flight (default 30 s, or
+$BEAMLET_REQUEST_TIMEOUT; a load's limit is at least ``LOAD_TIMEOUT``, since loading a
+checkpoint, or waiting for memory to load it into, is silent). ``call`` retries for
+``retry_seconds`` (60); an attempt starts only before that budget is spent, and connecting
+(or waiting for a server to start) stops there too, or after ``request_timeout`` when
+that is longer. So a call to a server that stopped answering (SIGSTOP, wedged) ends
+within ``retry_seconds`` + its silence limit, plus a few seconds of connection probes.
+A forward pass longer than ``request_timeout`` needs a larger one: the server sends
+nothing until it ends.
 
 ``shared_client(path)`` is the process-wide client for a socket path.
 """
@@ -14,7 +27,9 @@ client registers the model's spec again and retries.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +39,17 @@ from typing import Any
 from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
-from modelserver.errors import ModelNotFound, ServerUnavailable
+from modelserver.errors import ModelNotFound, Overloaded, ServerUnavailable
 from modelserver.loaders import ModelSpec
 
 log = logging.getLogger("beamlet.client")
 
 DEFAULT_RETRY_SECONDS = 60.0
+LOAD_TIMEOUT = 300.0  # the least silence a load may take: a big checkpoint, a wait for memory
 MAX_IDLE_CHANNELS = 32
+RECONNECT_DELAY = (0.05, 1.0)  # first and longest pause between reconnects
+OVERLOADED_DELAY = (0.05, 2.0)  # first pause (when the server names none) and longest
+MAX_RETRY_AFTER = 10.0  # the longest first pause a server may ask for
 
 
 class ServerClient:
@@ -44,10 +63,15 @@ class ServerClient:
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         server_args: list[str] | None = None,
         idle_timeout: Any = autostart.FROM_ENV,
+        request_timeout: float | None = None,
     ):
+        """``retry_seconds``: how long ``call`` keeps retrying a server that is unavailable
+        or overloaded. ``request_timeout``: the longest silence from the server while a
+        request is in flight (None: $BEAMLET_REQUEST_TIMEOUT, else 30 s)."""
         self.socket_path = config.socket_path(socket_path)
         self.autostart = autostart
         self.retry_seconds = retry_seconds
+        self.request_timeout = config.request_timeout(request_timeout)
         self.server_args = list(server_args or [])  # for a server this client starts
         self.idle_timeout = idle_timeout  # likewise (default: BEAMLET_SERVER_IDLE_TIMEOUT)
         self._specs: dict[str, ModelSpec] = {}
@@ -60,8 +84,11 @@ class ServerClient:
 
     # -- the pool --------------------------------------------------------------------
     @contextmanager
-    def channel(self) -> Iterator[Channel]:
-        """A connection for this thread's exclusive use while the block runs."""
+    def channel(self, *, deadline: float | None = None) -> Iterator[Channel]:
+        """A connection for this thread's exclusive use while the block runs. Connecting
+        (and starting a server, if none runs) gives up at ``deadline`` (a
+        ``time.monotonic()`` value) or after ``request_timeout``, whichever is later;
+        without one, after ``autostart.START_TIMEOUT``."""
         if self._pid != os.getpid():
             # Forked: the inherited sockets belong to the parent's conversations.
             for ch in self._idle:
@@ -69,7 +96,12 @@ class ServerClient:
             self._reset_pool()
         with self._lock:
             pooled = self._idle.pop() if self._idle else None
-        ch = pooled if pooled is not None else self._connect()
+        if pooled is None:
+            budget = autostart.START_TIMEOUT
+            if deadline is not None:
+                budget = max(deadline - time.monotonic(), self.request_timeout)
+            pooled = self._connect(budget)
+        ch = pooled
         try:
             yield ch
         finally:
@@ -82,10 +114,17 @@ class ServerClient:
             if not kept:
                 ch.close()
 
-    def _connect(self) -> Channel:
+    def _connect(self, budget: float) -> Channel:
+        probe = min(autostart.PROBE_TIMEOUT, self.request_timeout)
         if self.autostart:
-            autostart.ensure_server(self.socket_path, self.server_args, idle_timeout=self.idle_timeout)
-        return Channel(self.socket_path)
+            autostart.ensure_server(
+                self.socket_path,
+                self.server_args,
+                timeout=budget,
+                idle_timeout=self.idle_timeout,
+                probe_timeout=probe,
+            )
+        return Channel(self.socket_path, connect_timeout=probe, request_timeout=self.request_timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -100,28 +139,41 @@ class ServerClient:
         self.close()
 
     # -- requests --------------------------------------------------------------------
-    def call(self, message: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
-        """One request with reconnect-and-retry while the server is unavailable."""
+    def call(
+        self, message: dict[str, Any], *, retry: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """One request. While the server is unavailable (reconnecting, and starting one if
+        none runs) or overloaded (backing off), retry until ``retry_seconds`` have passed,
+        then raise the last error; ``retry=False``: one attempt. ``timeout``: this
+        request's silence limit (None: ``request_timeout``)."""
         deadline = time.monotonic() + (self.retry_seconds if retry else 0.0)
-        delay = 0.05
+        unavailable = overloaded = 0
         while True:
             try:
-                with self.channel() as ch:
-                    return ch.request(message)
+                with self.channel(deadline=deadline) as ch:
+                    return ch.request(message, timeout=timeout)
             except ServerUnavailable as exc:
+                delay = retry_delay(unavailable, *RECONNECT_DELAY)
+                unavailable += 1
                 if time.monotonic() + delay > deadline:
                     raise ServerUnavailable(
                         f"model server at {self.socket_path} unavailable: {exc}"
                     ) from None
                 log.info("model server unavailable (%s); retrying in %.2fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except Overloaded as exc:
+                delay = retry_delay(overloaded, _retry_after(exc), OVERLOADED_DELAY[1])
+                overloaded += 1
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.debug("model server overloaded (%s); retrying in %.2fs", exc, delay)
+            time.sleep(delay)
 
     def load(self, key: str, spec: ModelSpec, *, replace: bool = True) -> dict[str, Any]:
         """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes
         and the spec the key serves. ``replace=False`` attaches to whatever version the key
         already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``."""
-        reply = self.call({"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace})
+        message = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
+        reply = self.call(message, timeout=max(self.request_timeout, LOAD_TIMEOUT))
         served = reply.get("spec")
         self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         return reply
@@ -154,8 +206,37 @@ class ServerClient:
         self.call({"op": "shutdown"}, retry=False)
 
 
+def retry_delay(attempt: int, first: float, longest: float, rng: random.Random | None = None) -> float:
+    """The pause before retry ``attempt`` (0, 1, ...): ``first``, doubling each time up to
+    ``longest`` (never below ``first``), stretched by up to a quarter at random so that
+    clients turned away together do not all come back together."""
+    grown = min(first * 2 ** min(attempt, 32), max(longest, first))
+    return grown * (rng or random).uniform(1.0, 1.25)
+
+
+def _retry_after(exc: BaseException) -> float:
+    """The pause an ``Overloaded`` reply asks for (``retry_after`` seconds), kept sane."""
+    try:
+        seconds = float(getattr(exc, "retry_after", None) or OVERLOADED_DELAY[0])
+    except (TypeError, ValueError):
+        return OVERLOADED_DELAY[0]
+    if not math.isfinite(seconds):
+        return OVERLOADED_DELAY[0]
+    return min(max(seconds, 0.001), MAX_RETRY_AFTER)
+
+
 _shared: dict[str, ServerClient] = {}
 _shared_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock at the fork; in the child nobody ever will
+    # release it. (Each client notices the new pid itself and drops inherited sockets.)
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shared_client(socket_path: str | None = None) -> ServerClient:

@@ -9,6 +9,16 @@ reconnects, retries and auto-start on top.
 Failures come in two kinds: a typed ``BeamletError`` reply means "this request failed"
 and the channel stays usable; ``ServerUnavailable`` means the connection is gone (the
 server died, closed it, or never answered) and the channel is dead.
+
+Every exchange has a deadline: while a request is in flight, the server must send
+something at least every ``request_timeout`` seconds (default 30, or
+$BEAMLET_REQUEST_TIMEOUT; ``modelserver.config.request_timeout``), else the request fails
+with ``ServerUnavailable`` and the connection is closed (where its stream stands is
+unknown). It measures silence, not the length of the request: a reply that streams in
+slowly is fine, but the server sends nothing while it computes, so a forward pass (or a
+load) longer than the timeout needs a larger one. A stopped (SIGSTOP) or wedged server
+therefore costs a caller ``request_timeout`` seconds, never forever. Connecting is bounded
+by ``connect_timeout`` and the hello by ``request_timeout``.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import os
 import socket
 from typing import Any
 
-from modelserver import wire
+from modelserver import config, wire
 from modelserver.errors import BeamletError, FrameTooLarge, ProtocolError, ServerUnavailable, from_wire
 
 REPLY_MAX_BODY = 1 << 40  # replies come from our own server; requests are what is bounded
@@ -27,8 +37,12 @@ REPLY_MAX_BODY = 1 << 40  # replies come from our own server; requests are what 
 class Channel:
     """One connection to a model server. Not thread-safe: one user at a time."""
 
-    def __init__(self, path: str, *, connect_timeout: float = 5.0):
+    def __init__(self, path: str, *, connect_timeout: float = 5.0, request_timeout: float | None = None):
+        """Connect to the server at ``path`` and say hello. ``request_timeout``: the
+        default silence limit of this channel's requests (None: ``config.request_timeout``)."""
         self.path = path
+        self.request_timeout = config.request_timeout(request_timeout)
+        self._pid = os.getpid()
         self._ids = itertools.count(1)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._frames = wire.FrameReader(self.sock, REPLY_MAX_BODY)
@@ -37,7 +51,6 @@ class Channel:
         try:
             self.sock.settimeout(connect_timeout)
             self.sock.connect(path)
-            self.sock.settimeout(None)
             _pid, uid, _gid = wire.peer_credentials(self.sock)
             if uid != os.geteuid():
                 raise ServerUnavailable(f"the server at {path} runs as uid {uid}, not as us; refusing it")
@@ -50,21 +63,30 @@ class Channel:
         self.server_pid: int = info["server_pid"]
         self.max_frame_bytes = int(info["max_frame_bytes"])
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its reply; raises the reply's typed error."""
-        reply = self.request_many([message])[0]
+    def request(self, message: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and wait for its reply; raises the reply's typed error.
+        ``timeout``: the silence limit for this request (None: the channel's)."""
+        reply = self.request_many([message], timeout=timeout)[0]
         if isinstance(reply, BeamletError):
             raise reply
         return reply
 
-    def request_many(self, messages: list[dict[str, Any]]) -> list[dict[str, Any] | BeamletError]:
+    def request_many(
+        self, messages: list[dict[str, Any]], *, timeout: float | None = None
+    ) -> list[dict[str, Any] | BeamletError]:
         """Pipeline several requests on this connection: send all, then collect every reply
         (in any order) and return them in request order; failed ones as error objects.
+        Raises ``ServerUnavailable`` when the server sends nothing for ``timeout`` seconds
+        (None: the channel's ``request_timeout``) while replies are due.
 
         A request that cannot be encoded (an unsendable value, over the server's frame
         limit) raises before anything is sent, and the channel stays usable."""
         if self.dead:
             raise ServerUnavailable(f"connection to {self.path} is closed")
+        if self._pid != os.getpid():
+            # Forked: the socket is shared with the parent's conversation; never touch it.
+            raise ServerUnavailable(f"this connection to {self.path} belongs to process {self._pid}")
+        silence = self.request_timeout if timeout is None else timeout
         ids = [next(self._ids) for _ in messages]
         frames = [wire.encode({**m, "id": rid}) for m, rid in zip(messages, ids)]
         for _head, buffers in frames:
@@ -75,6 +97,7 @@ class Channel:
                     "frame limit (python -m modelserver serve --max-frame-bytes)"
                 )
         try:
+            self.sock.settimeout(silence)
             for head, buffers in frames:
                 wire.sendmsg_all(self.sock, [memoryview(head), *buffers])
             replies: dict[int, dict[str, Any] | BeamletError] = {}
@@ -93,6 +116,13 @@ class Channel:
         except BeamletError:
             self.close()
             raise
+        except TimeoutError:
+            self.close()
+            raise ServerUnavailable(
+                f"the model server at {self.path} did not answer for {silence:g}s while a request "
+                f"was in flight (stopped, wedged, or busy for longer than the request timeout: "
+                f"ServerClient(request_timeout=...) or ${config.REQUEST_TIMEOUT_ENV}); connection closed"
+            ) from None
         except OSError as exc:
             self.close()
             raise ServerUnavailable(f"connection to {self.path} failed: {exc}") from None

@@ -1,7 +1,9 @@
-"""Where the server's socket lives, and how sizes are written on the command line."""
+"""Where the server's socket lives, how long a client waits for it, and how sizes are
+written on the command line."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -9,6 +11,8 @@ import tempfile
 
 SOCKET_ENV = "BEAMLET_SOCKET"
 SOCKET_NAME = "modelserver.sock"
+REQUEST_TIMEOUT_ENV = "BEAMLET_REQUEST_TIMEOUT"
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 _UNITS = {
     "": 1,
@@ -63,6 +67,25 @@ def default_socket_path() -> str:
 
 def socket_path(explicit: str | None = None) -> str:
     return os.path.abspath(explicit) if explicit else default_socket_path()
+
+
+def request_timeout(explicit: float | None = None) -> float:
+    """How long a client waits for the server to send anything while a request of its is
+    in flight, in seconds: ``explicit``, else $BEAMLET_REQUEST_TIMEOUT, else 30."""
+    source = "request_timeout"
+    value: float | str | None = explicit
+    if value is None:
+        value = os.environ.get(REQUEST_TIMEOUT_ENV) or None
+        source = REQUEST_TIMEOUT_ENV
+    if value is None:
+        return DEFAULT_REQUEST_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{source} must be a positive number of seconds, not {value!r}")
+    return seconds
 
 
 def ensure_private_dir(path: str) -> None:

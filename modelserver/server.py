@@ -6,15 +6,15 @@ or ``idle_timeout`` seconds with no client), then the server stops in stages: cl
 listener and remove the socket file, close client connections, let every model finish
 its queued batches, release the lock.
 
-One server per socket path: the lock is an abstract-namespace Unix socket named after
-the socket path and uid. The kernel releases it when the process dies, however it dies,
-so a stale socket file left by a killed server is recognised and replaced, two servers
-racing to start end with one, and nothing is left on disk.
+One server per socket path: the lock is ``modelserver.startlock``, an flock on
+``<socket>.lock`` in the socket's private directory, held for the server's whole life
+(handed over by the client that spawned it, or taken here). The kernel releases it when
+the process dies, however it dies, so a stale socket file left by a killed server is
+recognised and replaced, and two servers racing to start end with one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import selectors
@@ -32,6 +32,7 @@ from modelserver.batcher import Work
 from modelserver.connection import DEFAULT_MAX_BACKLOG, Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
 from modelserver.manager import ModelManager
+from modelserver.startlock import StartLock, lock_path
 
 log = logging.getLogger("beamlet.server")
 
@@ -40,11 +41,6 @@ EXIT_ALREADY_RUNNING = 3
 
 class AlreadyRunning(RuntimeError):
     """Another live server owns this socket path."""
-
-
-def _lock_name(path: str) -> bytes:
-    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
-    return f"\0beamlet-{os.getuid()}-{digest}".encode()
 
 
 class ModelServer:
@@ -71,7 +67,7 @@ class ModelServer:
         memory.fix_mmap_threshold()
         self.manager = ModelManager(memory_budget, **manager_options)
         self.started = time.time()
-        self._lock_sock: socket.socket | None = None
+        self._start_lock: StartLock | None = None
         self._listener: socket.socket | None = None
         self._connections: set[Connection] = set()
         self._conn_lock = threading.Lock()
@@ -86,15 +82,13 @@ class ModelServer:
     # -- lifecycle -------------------------------------------------------------------
     def bind(self) -> None:
         """Take the server lock and listen on the socket path."""
-        directory = os.path.dirname(self.socket_path)
-        config.ensure_private_dir(directory)
-        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            lock.bind(_lock_name(self.socket_path))
-        except OSError:
-            lock.close()
-            raise AlreadyRunning(f"a model server already serves {self.socket_path}") from None
-        self._lock_sock = lock
+        lock = StartLock.inherited(self.socket_path) or StartLock.try_acquire(self.socket_path)
+        if lock is None:
+            raise AlreadyRunning(
+                f"a model server already serves {self.socket_path} (or is starting: "
+                f"another process holds {lock_path(self.socket_path)})"
+            )
+        self._start_lock = lock
         try:
             if os.path.exists(self.socket_path):
                 log.info("removing stale socket %s", self.socket_path)
@@ -204,9 +198,9 @@ class ModelServer:
         log.info("model server stopped")
 
     def _release(self) -> None:
-        if self._lock_sock is not None:
-            self._lock_sock.close()
-            self._lock_sock = None
+        if self._start_lock is not None:
+            self._start_lock.release()
+            self._start_lock = None
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

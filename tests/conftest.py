@@ -8,15 +8,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
 import pytest
 
+from client import autostart
 from modelserver.channel import Channel
-from modelserver.errors import ServerUnavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,16 +46,8 @@ def server_env() -> dict[str, str]:
 
 
 def wait_for_server(path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            Channel(path).close()
-            return
-        except ServerUnavailable:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}") from None
-            time.sleep(0.02)
-    raise TimeoutError(f"no server at {path}")
+    """Until a server answers at ``path``; ServerUnavailable if ``proc`` exits first."""
+    autostart.wait_until_serving(path, proc, timeout)
 
 
 def server_processes(path: str) -> list[psutil.Process]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 import torch
 
@@ -31,6 +31,9 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from client import KeyedModelHandler, KeyModelMapping, PytorchModelHandlerTensor  # noqa: E402
 from client.beam import MODEL_BYTES_METRIC, SERVER_PID_METRIC, BeamletModelHandler  # noqa: E402
+from client.serverclient import shared_client  # noqa: E402
+from modelserver import config  # noqa: E402
+from modelserver.startlock import lock_path  # noqa: E402
 from tests.conftest import kill_servers  # noqa: E402
 from tests.models import MLP, Blob  # noqa: E402
 
@@ -125,18 +128,17 @@ def beam_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     assert {n for n in new if n.endswith((".address", ".lock", ".sock"))} == set()
 
 
-def assert_server_gone(server_pid: int, beam_dir: str) -> None:
-    """The server exits once the SDK workers are gone; its socket file goes with it, and
-    nothing of beamlet's (or a Beam rendezvous file) is left in the run's temp dir."""
-    try:
-        proc = psutil.Process(server_pid)
-        gone, alive = psutil.wait_procs([proc], timeout=30)
-        assert not alive or alive[0].status() == psutil.STATUS_ZOMBIE, (
-            "the model server outlived the pipeline"
-        )
-    except psutil.NoSuchProcess:
-        pass
-    assert not os.path.exists(os.path.join(beam_dir, "ms.sock"))
+def assert_server_gone(server_pid: int, beam_dir: str, deadline: float | None = None) -> None:
+    """The server exits once the SDK workers are gone (by ``deadline``, a monotonic
+    time; else within 30 s); its socket and lock files go with it, and nothing of
+    beamlet's (or a Beam rendezvous file) is left in the run's temp dir."""
+    if deadline is None:
+        deadline = time.monotonic() + 30
+    assert config.wait_for_exit(server_pid, max(deadline - time.monotonic(), 0)), (
+        "the model server outlived the pipeline"
+    )
+    sock = os.path.join(beam_dir, "ms.sock")
+    assert not os.path.exists(sock) and not os.path.exists(lock_path(sock))
     left = []
     for root, _dirs, files in os.walk(os.path.join(beam_dir, "tmp")):
         left += [os.path.join(root, f) for f in files]
@@ -144,17 +146,17 @@ def assert_server_gone(server_pid: int, beam_dir: str) -> None:
 
 
 def test_results_match_beams_own_handler_with_one_server_for_all_sdk_workers(beam_dir: str) -> None:
+    """With the handler's default settings: one server start for the SDK workers, reused
+    by a worker that comes after the job, and gone with its socket soon after the job."""
     ckpt = os.path.join(beam_dir, "mlp.pt")
     exact_checkpoint(MLP(**MLP_PARAMS), ckpt, seed=1)
     rows = int_rows(96, 8, seed=2)
     sock = os.path.join(beam_dir, "ms.sock")
+    beamlet_handler = PytorchModelHandlerTensor(
+        ckpt, MLP, MLP_PARAMS, max_batch_size=8, large_model=True, socket_path=sock
+    )
     ours = (
-        BeamletModelHandler(
-            PytorchModelHandlerTensor(
-                ckpt, MLP, MLP_PARAMS, max_batch_size=8, large_model=True, socket_path=sock
-            ),
-            server_idle_timeout=1.0,
-        )
+        BeamletModelHandler(beamlet_handler)
         .with_preprocess_fn(to_tensor)
         .with_postprocess_fn(with_worker_pid)
     )
@@ -179,6 +181,14 @@ def test_results_match_beams_own_handler_with_one_server_for_all_sdk_workers(bea
     )
     result = p.run()
     result.wait_until_finish()
+    ended = time.monotonic()
+    pids = distribution(result, SERVER_PID_METRIC)
+    # A worker that comes back soon after the job finds the same server.
+    late_worker = BeamletModelHandler(beamlet_handler)
+    late_worker.load_model()
+    with shared_client(sock).channel() as ch:
+        assert ch.server_pid == pids.min
+    shared_client(sock).close()
 
     ours_rows, theirs_rows = read_lines(out_ours), read_lines(out_theirs)
     assert len(ours_rows) == len(theirs_rows) == len(rows)
@@ -193,14 +203,15 @@ def test_results_match_beams_own_handler_with_one_server_for_all_sdk_workers(bea
     worker_pids = {r["pid"] for r in ours_rows}
     assert len(worker_pids) >= 2, f"only SDK worker(s) {worker_pids} ran the model"
 
-    pids = distribution(result, SERVER_PID_METRIC)
     assert pids.count >= 2 and pids.min == pids.max, "SDK workers did not all use one model server"
     assert distribution(result, MODEL_BYTES_METRIC).min > 0
     assert counter(result, "num_inferences", "beamlet") == len(rows)
     assert counter(result, "failed_batches_counter", "beamlet") == 0
     with open(os.path.join(beam_dir, "modelserver.log")) as f:
-        assert f.read().count("listening on") == 1
-    assert_server_gone(pids.min, beam_dir)
+        log = f.read()
+    assert log.count("starting a model server") == 1 and log.count("listening on") == 1, log
+    assert_server_gone(pids.min, beam_dir, deadline=ended + 15)
+    print(f"the server was gone {time.monotonic() - ended:.1f}s after the pipeline ended")
 
 
 def test_keyed_pipeline_over_more_models_than_the_budget_holds(beam_dir: str) -> None:
@@ -338,8 +349,6 @@ def prism_binary() -> str | None:
     "the wheel does not carry it, none is cached here and GitHub is unreachable (set BEAMLET_PRISM_BINARY)",
 )
 def test_on_prism(beam_dir: str) -> None:
-    from client.serverclient import shared_client
-
     ckpt = os.path.join(beam_dir, "mlp.pt")
     model = exact_checkpoint(MLP(**MLP_PARAMS), ckpt, seed=7)
     sock = os.path.join(beam_dir, "ms.sock")
