@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelserver import userclass
+from modelserver import config, userclass
 from modelserver.channel import Channel
 from modelserver.errors import ServerUnavailable
 from modelserver.loaders import ModelSpec
@@ -102,9 +102,9 @@ def private_dir(prefix: str = "blb-") -> Iterator[str]:
 
 def child_env() -> dict[str, str]:
     """The environment for a child that must import beamlet and ``bench`` from this checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
+    return config.child_env(
+        {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    )
 
 
 def wait_for_server(path: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:

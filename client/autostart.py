@@ -27,9 +27,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
-import modelserver
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import ServerUnavailable
@@ -63,9 +63,10 @@ def ensure_server(
     idle_timeout: Any = FROM_ENV,
     *,
     probe_timeout: float = PROBE_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes] | None:
     """Return once a server answers at ``path``, starting one if none runs (with
-    ``extra_args`` and ``idle_timeout``, as ``spawn_server`` takes them): the process
+    ``extra_args``, ``idle_timeout`` and ``env``, as ``spawn_server`` takes them): the process
     this call started (a thread reaps it when it exits), or None when a server was
     already running or being started. Raises ``ServerUnavailable`` when none answers
     within ``timeout`` seconds, PermissionError when the socket's directory is not
@@ -87,7 +88,7 @@ def ensure_server(
         delay = min(delay * 1.5, 0.25)
     # We hold the lock, so no server runs: start one and hand the lock to it.
     try:
-        proc = spawn_server(path, extra_args, idle_timeout, lock=lock)
+        proc = spawn_server(path, extra_args, idle_timeout, lock=lock, env=env)
     except BaseException:
         lock.release()
         raise
@@ -139,9 +140,11 @@ def spawn_server(
     idle_timeout: Any = FROM_ENV,
     *,
     lock: StartLock | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m modelserver serve`` for ``path`` in its own session. The idle
-    timeout comes from BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none.
+    """Start ``python -m modelserver serve`` for ``path`` in its own session, with this
+    process's environment and ``env`` set. The idle timeout comes from
+    BEAMLET_SERVER_IDLE_TIMEOUT unless given; None means none.
 
     With ``lock`` (the start lock, held), the server inherits it and keeps it: the caller
     then only ``detach``es its own copy. Without, the server takes the lock itself, or
@@ -153,14 +156,10 @@ def spawn_server(
     if idle_timeout is not None:
         args += ["--idle-timeout", str(idle_timeout)]
     args += extra_args or []
-    env = dict(os.environ)
-    # The server must import beamlet from wherever this process found it (a checkout or
-    # a virtualenv), whatever its working directory.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(modelserver.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.pop(FD_ENV, None)
+    child = config.child_env(env)
+    child.pop(FD_ENV, None)
     if lock is not None:
-        env.update(lock.child_env())
+        child.update(lock.child_env())
     fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -170,7 +169,7 @@ def spawn_server(
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
-            env=env,
+            env=child,
             cwd="/",
             start_new_session=True,
             close_fds=True,

@@ -71,6 +71,12 @@ class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
         """True: one copy of the model per machine, in the model server (large_model)."""
         return False
 
+    def socket_paths(self) -> set[str | None]:
+        """The model-server sockets this handler's shared models use (None: the default
+        socket); empty when every model runs in-process. Runners start or check a server
+        at each."""
+        return set()
+
     def model_spec(self) -> ModelSpec | None:
         """The model as data for the model server; None for handlers that only run in-process."""
         return None
@@ -137,6 +143,9 @@ class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
 
     def share_model_across_processes(self) -> bool:
         return self._base.share_model_across_processes()
+
+    def socket_paths(self) -> set[str | None]:
+        return self._base.socket_paths()
 
     def model_spec(self) -> ModelSpec | None:
         return self._base.model_spec()

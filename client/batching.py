@@ -7,9 +7,10 @@ never passing ``max_batch_size``; with min == max the size is fixed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
+
+from modelserver import config
 
 T = TypeVar("T")
 
@@ -44,21 +45,14 @@ class BatchSizer:
             self.size = max(self.min, self.size // 2)
 
 
-DETERMINISTIC_ENV = "BEAMLET_DETERMINISTIC"
 DEFAULT_DETERMINISTIC_BATCH = 32
-
-
-def deterministic() -> bool:
-    """True in the deterministic mode (``BEAMLET_DETERMINISTIC=1``, which
-    ``python -m runtime run --deterministic`` sets for every process it starts)."""
-    return os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0")
 
 
 def from_kwargs(kwargs: dict[str, Any]) -> BatchSizer:
     """The sizer for a handler's batching arguments. In the deterministic mode the size
     is fixed (``max_batch_size``, else ``min_batch_size``, else 32): batches are cut the
     same way on every run, whatever the timing."""
-    if deterministic():
+    if config.deterministic():
         size = kwargs.get("max_batch_size") or kwargs.get("min_batch_size") or DEFAULT_DETERMINISTIC_BATCH
         return BatchSizer(size, size)
     return BatchSizer(

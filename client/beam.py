@@ -138,7 +138,7 @@ class BeamletModelHandler(beam_base.ModelHandler[Any, Any, Any]):
     def socket_paths(self) -> list[str]:
         """The model servers' sockets this handler's models live behind (none when every
         model runs in-process)."""
-        return sorted({config.socket_path(p) for p in _socket_paths(self._handler)})
+        return sorted({config.socket_path(p) for p in self._handler.socket_paths()})
 
     # -- loading -----------------------------------------------------------------------
     def load_model(self) -> Any:
@@ -258,13 +258,3 @@ def _to_beam(result: Any) -> Any:
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], BeamletResult):
         return (result[0], _to_beam(result[1]))
     return result
-
-
-def _socket_paths(handler: BeamletHandler[Any, Any, Any]) -> set[str | None]:
-    if hasattr(handler, "socket_paths"):  # KeyedModelHandler (and any wrapper of one)
-        return set(handler.socket_paths())
-    if handler.share_model_across_processes():
-        # Until every beamlet handler has socket_paths() (client/handlers.py), the
-        # single-model handler's own setting:
-        return {getattr(handler, "_socket_path", None)}
-    return set()

@@ -266,6 +266,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def share_model_across_processes(self) -> bool:
         return self._large_model
 
+    def socket_paths(self) -> set[str | None]:
+        return {self._socket_path} if self._large_model else set()
+
     def load_model(self) -> Any:
         """The model: loaded here, or (large_model) a ``RemoteModel`` of the server's.
         ``env_vars`` are set in this process first, as Beam does, and in the server."""

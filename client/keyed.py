@@ -191,9 +191,7 @@ class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedMod
             self.mappings[index].mh.update_model_path(path)
 
     def socket_paths(self) -> set[str | None]:
-        return {
-            getattr(m.mh, "_socket_path", None) for m in self.mappings if m.mh.share_model_across_processes()
-        }
+        return set().union(*(m.mh.socket_paths() for m in self.mappings))
 
 
 def keyed_handler_of(handler: Any) -> KeyedModelHandler | None:

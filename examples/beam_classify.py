@@ -60,17 +60,19 @@ def run(
     output: str,
     beam_args: list[str],
     socket_path: str | None = None,
-    server_idle_timeout: float = 60.0,
+    server_idle_timeout: float | None = None,
 ) -> Any:
     """Build and run the pipeline; returns Beam's PipelineResult once it has finished.
     The model server a worker starts exits ``server_idle_timeout`` seconds after the
-    last worker on its machine leaves."""
+    last worker on its machine leaves (default: BeamletModelHandler's, 10 s)."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from client.beam import BeamletModelHandler
+    from client.beam import DEFAULT_SERVER_IDLE_TIMEOUT, BeamletModelHandler
 
+    if server_idle_timeout is None:
+        server_idle_timeout = DEFAULT_SERVER_IDLE_TIMEOUT
     handler = BeamletModelHandler(
         PytorchModelHandlerTensor(
             state_dict_path=model,

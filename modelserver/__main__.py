@@ -13,7 +13,6 @@ from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS,
 from modelserver.connection import DEFAULT_MAX_BACKLOG
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
-DETERMINISTIC_ENV = "BEAMLET_DETERMINISTIC"
 DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
 
 
@@ -95,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--deterministic",
         action="store_true",
-        default=os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
+        default=config.deterministic(),
         help="never merge requests (each is its own forward pass) and use torch's deterministic "
-        f"algorithms (env {DETERMINISTIC_ENV}=1)",
+        f"algorithms (env {config.DETERMINISTIC_ENV}=1)",
     )
     serve.add_argument(
         "--idle-timeout",

@@ -1,5 +1,6 @@
-"""Where the server's socket lives, how long a client waits for it, and how sizes are
-written on the command line."""
+"""Where the server's socket lives, how long a client waits for it, how sizes are written
+on the command line, the deterministic mode's switch, and the environment of the
+processes beamlet starts."""
 
 from __future__ import annotations
 
@@ -8,11 +9,38 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Mapping
 
 SOCKET_ENV = "BEAMLET_SOCKET"
 SOCKET_NAME = "modelserver.sock"
 REQUEST_TIMEOUT_ENV = "BEAMLET_REQUEST_TIMEOUT"
 DEFAULT_REQUEST_TIMEOUT = 30.0
+# The deterministic mode (``--deterministic``): the model server merges no requests of
+# different callers and uses torch's deterministic algorithms; RunInference fixes its batch
+# sizes. A run sets it for every process it starts.
+DETERMINISTIC_ENV = "BEAMLET_DETERMINISTIC"
+_TRUE = ("1", "true", "yes", "on")
+
+# The checkout (or site-packages directory) beamlet is imported from.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def deterministic(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when ``BEAMLET_DETERMINISTIC`` is 1, true, yes or on (any case); anything else
+    is off."""
+    return environ.get(DETERMINISTIC_ENV, "").strip().lower() in _TRUE
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child that imports beamlet (a worker, a model
+    server, a benchmark's client), with ``extra`` set: the child must import beamlet from
+    wherever this process found it, whatever its working directory, so beamlet's root goes
+    first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
 
 _UNITS = {
     "": 1,

@@ -48,7 +48,6 @@ from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
-from runtime.environ import DETERMINISTIC_ENV
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
 from runtime.pipeline import Collect, Pipeline, Sink
@@ -207,7 +206,7 @@ class _Run:
         self.metrics: dict[str, InferenceMetrics] = {}
         self.failure: PipelineError | None = None
         self.restarts = 0
-        self.env: dict[str, str] = {DETERMINISTIC_ENV: "1"} if harness.deterministic else {}
+        self.env: dict[str, str] = {config.DETERMINISTIC_ENV: "1"} if harness.deterministic else {}
         self.run_dir: str | None = None
         self.pool = WorkerPool(
             "", harness.threads, pipeline.steps, harness.pipeline_ref, harness.pipeline_args

@@ -17,7 +17,6 @@ from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import BeamletError, ServerUnavailable
-from runtime.environ import overlay
 
 if TYPE_CHECKING:
     from runtime.pipeline import InferenceStep
@@ -34,11 +33,7 @@ def server_path_for(steps: Iterable[InferenceStep], fallback: str | None) -> str
     (the first, sorted, when several name one), else ``fallback``, else the default."""
     paths: set[str | None] = set()
     for step in steps:
-        handler = step.transform.handler
-        if hasattr(handler, "socket_paths"):
-            paths |= handler.socket_paths()
-        else:
-            paths.add(getattr(handler, "_socket_path", None))
+        paths |= step.transform.handler.socket_paths()
     explicit = sorted(p for p in paths if p)
     return config.socket_path(explicit[0] if explicit else fallback)
 
@@ -59,7 +54,8 @@ class ServerKeeper:
 
     def start(self) -> None:
         """Use a server already running at the path, or start one (which we then own)."""
-        if autostart.server_alive(self.path):
+        proc = self._ensure()
+        if proc is None:
             log.info("using the model server already running at %s", self.path)
             if self.env:
                 log.warning(
@@ -70,7 +66,7 @@ class ServerKeeper:
                 )
             return
         self.owned = True
-        self._spawn()
+        self._proc = proc
 
     def serve_versions(self, steps: Iterable[InferenceStep]) -> None:
         """Make the server serve this run's version of each shared single model before
@@ -88,12 +84,12 @@ class ServerKeeper:
                     except BeamletError as exc:
                         raise ServerStartFailed(f"the model server cannot load {step.label}: {exc}") from None
 
-    def _spawn(self) -> None:
-        with overlay(self.env):  # autostart takes no environment of its own
-            proc = autostart.spawn_server(self.path, self.server_args, idle_timeout=None)
-        self._proc = proc
+    def _ensure(self) -> subprocess.Popen[bytes] | None:
+        """A server at the path, started the way every client starts one (under the start
+        lock, so a client racing us starts none): the process we started, or None when one
+        was already running or starting."""
         try:
-            autostart.wait_until_serving(self.path, proc)
+            return autostart.ensure_server(self.path, self.server_args, idle_timeout=None, env=self.env)
         except ServerUnavailable as exc:
             raise ServerStartFailed(f"cannot start the model server: {exc}") from None
 
@@ -110,7 +106,7 @@ class ServerKeeper:
             return  # alive, or a client already started a new one
         log.warning("the model server exited (code %s); starting a new one", code)
         self.restarts += 1
-        self._spawn()
+        self._proc = self._ensure() or self._proc
 
     def stop(self) -> None:
         """Stop the server if we own it, and wait until its process has gone."""

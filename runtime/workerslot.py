@@ -14,8 +14,8 @@ from typing import Any
 
 import multiprocess
 
+from modelserver import config
 from runtime.control import ControlChannel
-from runtime.environ import child_env
 
 
 @dataclass
@@ -88,7 +88,7 @@ def exec_worker(
     inp, outp = pipeline_args
     cmd += ["--input", inp] if inp else []
     cmd += ["--output", outp] if outp else []
-    return subprocess.Popen(cmd, env=child_env(env), stdin=subprocess.DEVNULL, process_group=0)
+    return subprocess.Popen(cmd, env=config.child_env(env), stdin=subprocess.DEVNULL, process_group=0)
 
 
 def _forked_worker(control_path: str, worker_id: int, steps: Any, threads: int, env: dict[str, str]) -> None:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -119,27 +118,6 @@ def test_processes_times_threads_against_one_server_match_torch(ckpt, sock_path)
         assert m["rows"] == 3 * 4 * 64 and m["loads"] == 1
     finally:
         srv.stop()
-
-
-def test_racing_processes_start_exactly_one_server(sock_path):
-    ctx = multiprocessing.get_context("spawn")
-    n = 6
-    barrier = ctx.Barrier(n)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=workers.race_to_start, args=(sock_path, barrier, results)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    try:
-        pids = [results.get(timeout=120) for _ in range(n)]
-    finally:
-        for p in procs:
-            p.join(30)
-    assert len(set(pids)) == 1
-    deadline = time.monotonic() + 30
-    while len(server_processes(sock_path)) != 1:
-        assert time.monotonic() < deadline, [p.pid for p in server_processes(sock_path)]
-        time.sleep(0.05)
-    assert server_processes(sock_path)[0].pid == pids[0]
 
 
 def test_client_reconnects_restarts_the_server_and_reloads_the_model(ckpt, sock_path):

@@ -23,6 +23,7 @@ import torch
 
 from client import PytorchModelHandlerTensor
 from client.results import ModelMetadata
+from modelserver.config import DETERMINISTIC_ENV
 from runtime import (
     CannotStart,
     Collect,
@@ -37,7 +38,6 @@ from runtime import (
     WriteToJsonLines,
     control,
 )
-from runtime.environ import DETERMINISTIC_ENV
 from runtime.pipeline import BundleOutput, Source, Step
 from runtime.summary import DEAD_LETTER_SAMPLE
 from tests.conftest import ROOT, server_env, server_processes
@@ -230,14 +230,8 @@ def test_deterministic_mode_reaches_every_process_the_run_starts(private_dir, so
         assert result.outputs == [want]
 
 
-# NOT YET PASSING IN THE HARNESS'S WORKTREE, on purpose: bitwise equality needs the other
-# two halves of issue 11 (the model server, reading BEAMLET_DETERMINISTIC=1, merges no
-# requests of different callers; RunInference fixes its batch sizes under it). The
-# harness's half, the flag reaching every process, is the test above. Remove the xfail
-# once those halves are merged: the test must then pass as it stands.
-@pytest.mark.xfail(
-    reason="needs issue 11's model-server and client halves of deterministic mode", strict=False
-)
+# Bitwise equality needs every half of the mode: the flag reaching every process (above),
+# the model server merging no requests of different callers, RunInference's fixed batch sizes.
 def test_a_deterministic_run_gives_bitwise_the_same_output_twice(private_dir, sock_path):
     path = os.path.join(private_dir, "mlp.pt")
     model = make_checkpoint(path, seed=3)

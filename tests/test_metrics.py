@@ -6,6 +6,7 @@ import random
 
 from client import batching
 from client.metrics import BUCKETS_PER_DOUBLING, MAX_BUCKET, Histogram, InferenceMetrics
+from modelserver import config
 
 
 def test_a_histogram_keeps_a_bounded_number_of_buckets_and_exact_count_sum_min_max():
@@ -50,10 +51,10 @@ def test_metrics_merge_and_cross_the_wire_unchanged():
 
 
 def test_the_deterministic_mode_fixes_the_batch_size(monkeypatch):
-    monkeypatch.setenv(batching.DETERMINISTIC_ENV, "1")
+    monkeypatch.setenv(config.DETERMINISTIC_ENV, "1")
     sizer = batching.from_kwargs({"min_batch_size": 2, "max_batch_size": 16})
     sizer.record(16, 0.0001)  # fast batches would grow an adaptive sizer
     assert sizer.size == 16 and [len(b) for b in batching.batches(range(40), sizer)] == [16, 16, 8]
     assert batching.from_kwargs({}).size == batching.DEFAULT_DETERMINISTIC_BATCH
-    monkeypatch.setenv(batching.DETERMINISTIC_ENV, "0")
+    monkeypatch.setenv(config.DETERMINISTIC_ENV, "0")
     assert batching.from_kwargs({"min_batch_size": 2, "max_batch_size": 16}).size == 2

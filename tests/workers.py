@@ -50,16 +50,6 @@ def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows
     return {t: (a, b, ids) for t, (a, b, ids) in out.items()}
 
 
-def race_to_start(sock: str, barrier, results) -> None:
-    from client import autostart
-    from modelserver.channel import Channel
-
-    barrier.wait()
-    autostart.ensure_server(sock)
-    with Channel(sock) as ch:
-        results.put(ch.server_pid)
-
-
 def keyed_workload(sock: str, models: dict, seed: int, n: int) -> dict:
     """Random keys over several large-model Blobs through one KeyedModelHandler; compares
     every result with the same model run in this process."""
