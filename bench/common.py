@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from client import autostart
 from modelserver import config, userclass
 from modelserver.channel import Channel
-from modelserver.errors import ServerUnavailable
 from modelserver.loaders import ModelSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,25 +102,7 @@ def private_dir(prefix: str = "blb-") -> Iterator[str]:
 
 def child_env() -> dict[str, str]:
     """The environment for a child that must import beamlet and ``bench`` from this checkout."""
-    return config.child_env(
-        {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    )
-
-
-def wait_for_server(path: str, proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> None:
-    """Poll with a Channel until the server at ``path`` answers; fail if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while time.monotonic() < deadline:
-        try:
-            Channel(path, connect_timeout=2.0).close()
-            return
-        except ServerUnavailable:
-            if proc.poll() is not None:
-                raise RuntimeError(f"model server exited with code {proc.returncode}") from None
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
-    raise TimeoutError(f"no model server answered at {path} within {timeout:.0f}s")
+    return config.child_env()  # beamlet's root is this checkout's, where bench lives
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
@@ -184,7 +166,7 @@ def model_server(*args: str) -> Iterator[ServerProcess]:
             )
         server = ServerProcess(path, proc, log_path)
         try:
-            wait_for_server(path, proc)
+            autostart.wait_until_serving(path, proc, START_TIMEOUT)
             yield server
         except BaseException:
             tail = server.log_tail()

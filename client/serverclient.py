@@ -12,14 +12,13 @@ and retries within the same budget.
 
 Nothing waits forever. A request fails with ``ServerUnavailable`` when the server sends
 nothing for ``request_timeout`` seconds while it is in flight (default 30 s, or
-$BEAMLET_REQUEST_TIMEOUT; a load's limit is at least ``LOAD_TIMEOUT``, since loading a
-checkpoint, or waiting for memory to load it into, is silent). ``call`` retries for
+$BEAMLET_REQUEST_TIMEOUT); a server at work on it (a long forward, a slow load) sends a
+heartbeat every few seconds, so the deadline catches a stopped or wedged server process,
+never a slow model. ``call`` retries for
 ``retry_seconds`` (60); an attempt starts only before that budget is spent, and connecting
 (or waiting for a server to start) stops there too, or after ``request_timeout`` when
 that is longer. So a call to a server that stopped answering (SIGSTOP, wedged) ends
 within ``retry_seconds`` + its silence limit, plus a few seconds of connection probes.
-A forward pass longer than ``request_timeout`` needs a larger one: the server sends
-nothing until it ends.
 
 ``shared_client(path)`` is the process-wide client for a socket path.
 """
@@ -45,7 +44,6 @@ from modelserver.loaders import ModelSpec
 log = logging.getLogger("beamlet.client")
 
 DEFAULT_RETRY_SECONDS = 60.0
-LOAD_TIMEOUT = 300.0  # the least silence a load may take: a big checkpoint, a wait for memory
 MAX_IDLE_CHANNELS = 32
 RECONNECT_DELAY = (0.05, 1.0)  # first and longest pause between reconnects
 OVERLOADED_DELAY = (0.05, 2.0)  # first pause (when the server names none) and longest
@@ -173,7 +171,7 @@ class ServerClient:
         and the spec the key serves. ``replace=False`` attaches to whatever version the key
         already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``."""
         message = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
-        reply = self.call(message, timeout=max(self.request_timeout, LOAD_TIMEOUT))
+        reply = self.call(message)
         served = reply.get("spec")
         self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         return reply

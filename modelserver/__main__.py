@@ -10,7 +10,7 @@ from typing import Any
 
 from modelserver import config, serverlog, wire
 from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
-from modelserver.connection import DEFAULT_MAX_BACKLOG
+from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
 DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="exit after this long with no client connected (default: never)",
     )
+    serve.add_argument(
+        "--heartbeat",
+        type=float,
+        default=HEARTBEAT_INTERVAL,
+        metavar="SECONDS",
+        help="send a heartbeat to a client with requests in flight after this long with nothing "
+        f"sent to it, so its request deadline catches only a stopped server (default {HEARTBEAT_INTERVAL:g}; 0: none)",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     serve.add_argument(
         "--log-file",
@@ -160,6 +168,7 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         max_frame_bytes=args.max_frame_bytes,
         idle_timeout=args.idle_timeout,
         max_reply_backlog=args.max_reply_backlog,
+        heartbeat=args.heartbeat,
         limits=QueueLimits(args.max_queue_rows, args.max_queue_bytes),
         deterministic=args.deterministic,
         gpu_fraction=args.gpu_memory_fraction,

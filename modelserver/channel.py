@@ -14,10 +14,10 @@ Every exchange has a deadline: while a request is in flight, the server must sen
 something at least every ``request_timeout`` seconds (default 30, or
 $BEAMLET_REQUEST_TIMEOUT; ``modelserver.config.request_timeout``), else the request fails
 with ``ServerUnavailable`` and the connection is closed (where its stream stands is
-unknown). It measures silence, not the length of the request: a reply that streams in
-slowly is fine, but the server sends nothing while it computes, so a forward pass (or a
-load) longer than the timeout needs a larger one. A stopped (SIGSTOP) or wedged server
-therefore costs a caller ``request_timeout`` seconds, never forever. Connecting is bounded
+unknown). It measures silence, not the length of the request: while the server works on
+a request (a long forward, a slow load) it sends a heartbeat frame every few seconds,
+which the channel skips. A stopped (SIGSTOP) or wedged server process sends none, and so
+costs a caller ``request_timeout`` seconds, never forever. Connecting is bounded
 by ``connect_timeout`` and the hello by ``request_timeout``.
 """
 
@@ -107,6 +107,8 @@ class Channel:
                     raise ServerUnavailable(f"the server at {self.path} closed the connection")
                 if not isinstance(reply, dict):
                     raise ProtocolError(f"malformed reply: {reply!r:.80}")
+                if reply.get("heartbeat"):
+                    continue  # the server is alive and still working on our requests
                 rid = reply.get("id")
                 if rid is None:  # a connection-level error: the server is closing us
                     raise from_wire(reply.get("error"))

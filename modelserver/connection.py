@@ -15,6 +15,12 @@ than ``max_backlog`` bytes the reader thread reads no further requests from that
 (its sends then block in its own socket), so the backlog grows at most by the replies
 to requests already taken. A client that does not read them within ``SEND_TIMEOUT`` is
 dropped.
+
+While a client has requests in flight (taken, not yet answered), the server sends it a
+heartbeat frame (``{"id": None, "ok": True, "heartbeat": True}``) whenever it has sent it
+nothing for ``HEARTBEAT_INTERVAL`` seconds (``heartbeat``, called from the server's accept
+loop): a long forward or a slow load keeps the client's silence deadline from expiring,
+while a stopped or wedged server process sends nothing and is caught by it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ log = logging.getLogger("beamlet.connection")
 RECV_TIMEOUT = 30.0
 SEND_TIMEOUT = 60.0
 DEFAULT_MAX_BACKLOG = 64 << 20
+HEARTBEAT_INTERVAL = 5.0
+HEARTBEAT = {"id": None, "ok": True, "heartbeat": True}
 
 
 def _set_timeouts(sock: socket.socket) -> None:
@@ -71,6 +79,8 @@ class Connection:
         # writer waits for work, the reader for room.
         self._backlog_changed = threading.Condition(self._send_lock)
         self._closed = threading.Event()
+        self._inflight = 0  # requests taken and not yet answered (under the send lock)
+        self._last_sent = time.monotonic()
         _set_timeouts(sock)
         self._reader = threading.Thread(
             target=self._read_loop, name=f"conn-{peer_pid}-{sock.fileno()}", daemon=True
@@ -101,9 +111,13 @@ class Connection:
                 {"id": rid, "ok": False, "error": {"code": "internal", "message": f"unsendable reply: {exc}"}}
             )
         parts = [memoryview(head), *buffers]
+        answers = isinstance(message, dict) and "ok" in message and not message.get("heartbeat")
         with self._send_lock:
             if self._closed.is_set():
                 return
+            if answers and self._inflight:
+                self._inflight -= 1
+            self._last_sent = time.monotonic()
             if self._backlog:
                 self._queue(parts)
                 return
@@ -117,6 +131,21 @@ class Connection:
                     self._start_writer()
                 return
         self._fail(failure)  # after the lock: it logs
+
+    def heartbeat(self, now: float, interval: float = HEARTBEAT_INTERVAL) -> bool:
+        """Send a heartbeat if requests are in flight and nothing was sent for ``interval``
+        seconds (a reply already waiting in the backlog says as much: none then). True
+        when one was sent."""
+        with self._send_lock:
+            due = (
+                self._inflight > 0
+                and not self._backlog
+                and not self._closed.is_set()
+                and now - self._last_sent >= interval
+            )
+        if due:
+            self.send(HEARTBEAT)
+        return due
 
     def _queue(self, parts: list[memoryview]) -> None:
         """Under the send lock: add a reply to the backlog."""
@@ -212,6 +241,8 @@ class Connection:
                     return
                 if message is None:
                     return
+                with self._send_lock:
+                    self._inflight += 1
                 self._dispatch(self, message)
         finally:
             self.close()

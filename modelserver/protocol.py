@@ -5,7 +5,9 @@ requests may be in flight on one connection and replies may come back in any ord
 Every reply carries the request's ``id`` and ``ok``; a failed one carries
 ``error: {code, message}`` (see ``errors``; ``overloaded`` adds ``retry_after``, seconds).
 A reply with ``id`` None reports a connection-level failure (a bad frame) just before the
-server closes that connection.
+server closes that connection, except the heartbeat ``{id: None, ok: true, heartbeat:
+true}``, which the server sends while requests are in flight on a connection it has sent
+nothing for 5 s (``connection.HEARTBEAT_INTERVAL``); clients skip it.
 
     op        request fields                        reply fields (ok)
     hello     version, pid                          version, server_pid, max_frame_bytes

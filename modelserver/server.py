@@ -29,7 +29,7 @@ import psutil
 
 from modelserver import config, loaders, memory, protocol, serverlog, wire
 from modelserver.batcher import Work
-from modelserver.connection import DEFAULT_MAX_BACKLOG, Connection
+from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL, Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
 from modelserver.manager import ModelManager
 from modelserver.startlock import StartLock, lock_path
@@ -54,16 +54,20 @@ class ModelServer:
         max_frame_bytes: int = wire.DEFAULT_MAX_BODY,
         idle_timeout: float | None = None,
         max_reply_backlog: int = DEFAULT_MAX_BACKLOG,
+        heartbeat: float = HEARTBEAT_INTERVAL,
         **manager_options: Any,
     ):
         """``memory_budget``: host bytes for models (None: no limit). ``max_reply_backlog``:
         reply bytes a client may leave unread before its connection stops reading requests.
+        ``heartbeat``: seconds of silence after which a connection with requests in flight
+        gets a heartbeat (0: none).
         ``manager_options`` go to ModelManager (gpu_fraction, load_wait, policy,
         min_free_bytes, limits, deterministic)."""
         self.socket_path = config.socket_path(socket_path)
         self.max_frame_bytes = max_frame_bytes
         self.max_reply_backlog = max_reply_backlog
         self.idle_timeout = idle_timeout
+        self.heartbeat = heartbeat
         memory.fix_mmap_threshold()
         self.manager = ModelManager(memory_budget, **manager_options)
         self.started = time.time()
@@ -148,11 +152,12 @@ class ModelServer:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping.is_set():
-                for key, _ in sel.select(timeout=1.0):
+                for key, _ in sel.select(timeout=min(1.0, self.heartbeat / 2) if self.heartbeat else 1.0):
                     if key.data == "accept":
                         self._accept()
                     else:
                         os.read(self._wake_r, 4096)
+                self._heartbeat()
                 if self._idle_expired():
                     log.info("no clients for %.0fs; stopping", self.idle_timeout)
                     break
@@ -228,6 +233,16 @@ class ModelServer:
             self._connections.add(conn)
             self._last_activity = time.monotonic()
         conn.start()
+
+    def _heartbeat(self) -> None:
+        """Tell each client with requests in flight that we are alive (see connection.py)."""
+        if not self.heartbeat:
+            return
+        now = time.monotonic()
+        with self._conn_lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.heartbeat(now, self.heartbeat)
 
     def _forget(self, conn: Connection) -> None:
         with self._conn_lock:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from client import autostart
+from modelserver import config
 from modelserver.channel import Channel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +41,7 @@ def sock_path(private_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 
 
 def server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
+    return config.child_env()
 
 
 def wait_for_server(path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:

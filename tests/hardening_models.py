@@ -76,3 +76,18 @@ class Wide(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class Slow(nn.Module):
+    """Takes ``load_seconds`` to build and ``forward_seconds`` per batch: a model slower
+    than a client's request deadline (the wait is the behaviour under test)."""
+
+    def __init__(self, load_seconds: float = 0.0, forward_seconds: float = 0.0):
+        super().__init__()
+        time.sleep(load_seconds)
+        self.forward_seconds = forward_seconds
+        self.scale = nn.Parameter(torch.full((1,), 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.forward_seconds)
+        return x * self.scale

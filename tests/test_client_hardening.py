@@ -13,14 +13,17 @@ import socket
 import time
 
 import pytest
+import torch
 
 from client import ServerClient, autostart
 from client.serverclient import OVERLOADED_DELAY, RECONNECT_DELAY, _retry_after, retry_delay
-from modelserver import config
+from modelserver import config, userclass
 from modelserver.channel import Channel
 from modelserver.errors import Overloaded, ServerUnavailable
+from modelserver.loaders import ModelSpec
 from modelserver.startlock import lock_path
-from tests.conftest import server_processes
+from tests.conftest import server_processes, start_server
+from tests.hardening_models import Slow
 
 RACERS = 6
 
@@ -152,6 +155,32 @@ def test_a_stopped_server_fails_requests_within_their_deadline(server, sock_path
     assert client.call({"op": "status"})["status"]["pid"] == server.proc.pid
     assert server_log_starts(sock_path) == 0
     client.close()
+
+
+@pytest.mark.parametrize("heartbeat", [0.2, 0.0], ids=["heartbeats", "no heartbeats"])
+def test_a_model_slower_than_the_deadline_is_kept_alive_by_heartbeats(sock_path, heartbeat):
+    """A load and a forward that each take 1.5 s, against a 0.6 s silence deadline: the
+    server's heartbeats keep both requests alive. Without heartbeats (``--heartbeat 0``)
+    the same load fails at the deadline, so the deadline is real."""
+    timeout = 0.6
+    srv = start_server(sock_path, "--heartbeat", str(heartbeat))
+    spec = ModelSpec(
+        "pytorch_state_dict", None, userclass.describe(Slow), {"load_seconds": 1.5, "forward_seconds": 1.5}
+    )
+    try:
+        with Channel(sock_path, request_timeout=timeout) as ch:
+            start = time.monotonic()
+            if not heartbeat:
+                with pytest.raises(ServerUnavailable, match="did not answer for 0.6s"):
+                    ch.request({"op": "load", "key": "slow", "spec": spec.to_wire()})
+                assert time.monotonic() - start < 1.4
+                return
+            ch.request({"op": "load", "key": "slow", "spec": spec.to_wire()})
+            reply = ch.request({"op": "infer", "key": "slow", "inputs": torch.ones(2, 3)})
+            assert time.monotonic() - start >= 3.0
+            assert torch.equal(torch.as_tensor(reply["outputs"]), torch.full((2, 3), 3.0))
+    finally:
+        srv.stop()
 
 
 def server_log_starts(sock: str) -> int:
