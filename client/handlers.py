@@ -269,6 +269,16 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def socket_paths(self) -> set[str | None]:
         return {self._socket_path} if self._large_model else set()
 
+    def server_batching(self) -> dict[str, int | float | None]:
+        """How the model server merges this model's requests from every worker and thread:
+        at most ``max_batch_size`` rows a batch, a short batch waiting at most
+        ``max_batch_duration_secs`` for other callers (None: the server's defaults, 256
+        rows and 5 ms; 0: no merging)."""
+        return {
+            "max_batch_size": self._batching.get("max_batch_size"),
+            "max_batch_duration_secs": self._batching.get("max_batch_duration_secs"),
+        }
+
     def load_model(self) -> Any:
         """The model: loaded here, or (large_model) a ``RemoteModel`` of the server's.
         ``env_vars`` are set in this process first, as Beam does, and in the server."""
@@ -279,7 +289,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
 
             loaders.apply_env_vars(self._env_vars, self.cache_slot())
             server = shared_client(self._socket_path)
-            return RemoteModel(server, self._key, spec, replace=version.updates > 0)
+            return RemoteModel(
+                server, self._key, spec, replace=version.updates > 0, batching=self.server_batching()
+            )
         loaded = loaders.load(spec, self._model_class, owner=self.cache_slot())
         self._resolved_device = loaded.device
         self._loaded_ids[loaded.module] = version.given or loaded.model_id

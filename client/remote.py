@@ -40,14 +40,23 @@ class RemoteModel:
 
     ``replace``: swap the key to ``spec`` (an update), or attach to the version the key
     already serves (a worker joining a running job), loading ``spec`` only when the key
-    is new to the server.
+    is new to the server. ``batching``: how the server merges the key's requests from
+    every caller (``ServerClient.load``).
     """
 
-    def __init__(self, server: Any, key: str, spec: ModelSpec, *, replace: bool = False):
+    def __init__(
+        self,
+        server: Any,
+        key: str,
+        spec: ModelSpec,
+        *,
+        replace: bool = False,
+        batching: dict[str, Any] | None = None,
+    ):
         self._server = server
         self.key = key
         self._local = threading.local()
-        info = server.load(key, spec, replace=replace)
+        info = server.load(key, spec, replace=replace, batching=batching)
         served = info.get("spec")
         self.spec = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         self.model_id: str = info.get("model_id") or self.spec.model_id

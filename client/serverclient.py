@@ -73,6 +73,7 @@ class ServerClient:
         self.server_args = list(server_args or [])  # for a server this client starts
         self.idle_timeout = idle_timeout  # likewise (default: BEAMLET_SERVER_IDLE_TIMEOUT)
         self._specs: dict[str, ModelSpec] = {}
+        self._batching: dict[str, dict[str, int | float | None]] = {}
         self._reset_pool()
 
     def _reset_pool(self) -> None:
@@ -166,11 +167,23 @@ class ServerClient:
                 log.debug("model server overloaded (%s); retrying in %.2fs", exc, delay)
             time.sleep(delay)
 
-    def load(self, key: str, spec: ModelSpec, *, replace: bool = True) -> dict[str, Any]:
+    def load(
+        self,
+        key: str,
+        spec: ModelSpec,
+        *,
+        replace: bool = True,
+        batching: dict[str, int | float | None] | None = None,
+    ) -> dict[str, Any]:
         """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes
         and the spec the key serves. ``replace=False`` attaches to whatever version the key
-        already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``."""
-        message = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
+        already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``.
+        ``batching``: how the server merges the key's requests from every caller
+        (``max_batch_size``, ``max_batch_duration_secs``; None: the server's defaults)."""
+        message: dict[str, Any] = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
+        if batching is not None:
+            message["batching"] = batching
+            self._batching[key] = batching
         reply = self.call(message)
         served = reply.get("spec")
         self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
@@ -194,7 +207,7 @@ class ServerClient:
             spec = self._specs.get(key)
             if spec is None:
                 raise
-            self.load(key, spec, replace=False)
+            self.load(key, spec, replace=False, batching=self._batching.get(key))
             return self.call(message)
 
     def status(self) -> dict[str, Any]:

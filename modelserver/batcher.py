@@ -8,9 +8,18 @@ the arguments beside them) up to the model's batch limit, runs them once, splits
 outputs by rows and replies to each. A merged batch that fails is re-run request by request, so one
 bad input never fails its neighbours.
 
-One batch at a time per model: at low load a request runs at once on the thread that
-submitted it (a connection's reader), saving a hand-off; otherwise on the batcher
-thread. Either way ``busy`` tells the manager whether the model is in use.
+Batching across callers (``Batching``): the batch limit is the handler's
+``max_batch_size`` (else ``DEFAULT_MAX_MERGE_ROWS``). A batch short of it waits up to
+``max_batch_duration_secs`` (counted from when its oldest request arrived; default
+``DEFAULT_QUEUE_DELAY``) for requests from the other callers (connections) that used the
+model in the last ``ACTIVE_WINDOW`` seconds, and goes as soon as every such caller has a
+request in it: a lone caller never waits, and batch-1 traffic from many workers and
+threads is computed in large batches. ``max_batch_duration_secs=0`` turns merging off.
+
+Forwards run only on the model's batcher thread, never on a connection's reader: the
+threads that compute (and the OpenMP teams torch starts for them) are one per loaded
+model, however many clients connect. ``busy`` tells the manager whether the model is in
+use.
 
 Bounded: the queue holds at most ``QueueLimits.rows`` rows and ``QueueLimits.nbytes``
 bytes of inputs (a request that finds the queue empty is always taken, whatever its
@@ -36,6 +45,8 @@ from modelserver.errors import DEFAULT_RETRY_AFTER, BeamletError, InternalError,
 log = logging.getLogger("beamlet.batcher")
 
 DEFAULT_MAX_MERGE_ROWS = 256
+DEFAULT_QUEUE_DELAY = 0.005  # seconds a short batch may wait for other callers' requests
+ACTIVE_WINDOW = 1.0  # a caller that sent a request this recently may send another soon
 DEFAULT_MAX_QUEUE_ROWS = 8192  # 32 full merged batches
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20
 MIN_RETRY_AFTER = 0.005
@@ -54,6 +65,27 @@ class QueueLimits:
         return rows <= self.rows and nbytes <= self.nbytes
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How one model's requests are merged: at most ``max_rows`` rows in a batch, and a
+    short batch waits at most ``delay`` seconds for other callers (0: never merge)."""
+
+    max_rows: int = DEFAULT_MAX_MERGE_ROWS
+    delay: float = DEFAULT_QUEUE_DELAY
+
+    @classmethod
+    def from_handler(cls, max_batch_size: int | None, max_batch_duration_secs: float | None) -> Batching:
+        """From a handler's Beam batching arguments; None takes the server's default."""
+        return cls(
+            DEFAULT_MAX_MERGE_ROWS if max_batch_size is None else max_batch_size,
+            DEFAULT_QUEUE_DELAY if max_batch_duration_secs is None else max_batch_duration_secs,
+        )
+
+    @property
+    def merges(self) -> bool:
+        return self.delay > 0 and self.max_rows > 1
+
+
 @dataclass
 class Work:
     """One infer request waiting for the model. ``reply`` gets (outputs, None) or (None, error).
@@ -68,6 +100,7 @@ class Work:
     kwargs: dict[str, Any]
     reply: Callable[[Any, BeamletError | None], None]
     method: str = "forward"
+    caller: int = 0  # who sent it (a connection): merging waits for callers not yet in the batch
     enqueued: float = field(default_factory=time.monotonic)
     signature: tuple[Any, ...] | None = field(default=None, init=False)
     rows: int = field(default=1, init=False)
@@ -130,7 +163,10 @@ class Batcher:
         stats: BatchStats | None = None,
         limits: QueueLimits | None = None,
         merge: bool = True,
+        batching: Batching | None = None,
     ):
+        """``merge=False`` (the deterministic mode) never merges, whatever ``batching``
+        says; ``max_merge_rows`` overrides ``batching.max_rows``."""
         self.name = name
         self.model: loaders.LoadedModel = model
         self.model_id = model.model_id
@@ -138,7 +174,10 @@ class Batcher:
         self.nbytes = model.nbytes
         self._on_idle = on_idle
         self._on_oom = on_oom
-        self.max_merge_rows = max_merge_rows or DEFAULT_MAX_MERGE_ROWS
+        batching = batching or Batching()
+        if max_merge_rows:
+            batching = Batching(max_merge_rows, batching.delay)
+        self.batching = batching
         self.stats = stats if stats is not None else BatchStats()
         self.limits = limits or QueueLimits()
         self.merge = merge
@@ -147,6 +186,7 @@ class Batcher:
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._busy = False
+        self._callers: dict[int, float] = {}  # caller -> when it last sent a request
         self._pins = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -184,24 +224,29 @@ class Batcher:
                 "queued_bytes": self._queued_bytes,
             }
 
+    @property
+    def max_merge_rows(self) -> int:
+        return self.batching.max_rows
+
+    def configure(self, batching: Batching) -> None:
+        """Take new batching settings (a handler registered the model again)."""
+        with self._cond:
+            self.batching = batching
+            self._cond.notify()
+
     def submit(self, work: Work) -> None:
-        """Queue a request, or refuse it with Overloaded when the queue is full. When the
-        model is idle and nothing waits, the request runs at once on the caller's thread:
-        at low load that saves a thread hand-off per request; under load requests queue
-        up and the batcher thread merges them."""
+        """Queue a request for the batcher thread, or refuse it with Overloaded when the
+        queue is full."""
         with self._cond:
             if self._stopping:
                 raise InternalError(f"model {self.name} is being unloaded")
             work.model_id = self.model_id
-            if self._busy or self._queue:  # (a pin alone does not stop the inline path)
-                self._admit(work)
-                self._queue.append(work)
-                self._queued_rows += work.rows
-                self._queued_bytes += work.nbytes
-                self._cond.notify()
-                return
-            self._busy = True
-        self._run_timed([work])
+            self._admit(work)
+            self._queue.append(work)
+            self._queued_rows += work.rows
+            self._queued_bytes += work.nbytes
+            self._callers[work.caller] = work.enqueued
+            self._cond.notify()
 
     def _admit(self, work: Work) -> None:
         """Under the condition's lock: Overloaded when ``work`` does not fit the queue's
@@ -226,8 +271,6 @@ class Batcher:
                 self._busy = False
                 self.stats.busy_seconds += time.monotonic() - started
                 idle = not self._queue
-                if self._queue or self._stopping:
-                    self._cond.notify()
             if idle and self._on_idle is not None:
                 self._on_idle()
 
@@ -245,39 +288,64 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._busy or not (self._queue or self._stopping):
+                while not (self._queue or self._stopping):
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._take_batch()
-                self._busy = True
+                first = self._queue.popleft()
+                self._dequeued(first)
+                batch = [first]
+                self._busy = True  # from here on the model is in use, waiting included
+                if self.merge and self.batching.merges and first.signature is not None:
+                    self._fill(batch)
             self._run_timed(batch)
 
-    def _take_batch(self) -> list[Work]:
-        batch = self._merge_batch()
-        for work in batch:
-            self._queued_rows -= work.rows
-            self._queued_bytes -= work.nbytes
-        return batch
+    def _dequeued(self, work: Work) -> None:
+        self._queued_rows -= work.rows
+        self._queued_bytes -= work.nbytes
 
-    def _merge_batch(self) -> list[Work]:
-        first = self._queue.popleft()
-        batch = [first]
-        sig = first.signature
-        if sig is None or not self.merge:
-            return batch
-        rows = sig[0]
+    def _fill(self, batch: list[Work]) -> None:
+        """Under the lock: merge queued requests that fit into ``batch``; while it is short
+        of ``max_rows`` and some recently active caller has no request in it, wait for
+        more, until ``delay`` after its oldest request arrived."""
+        first = batch[0]
+        assert first.signature is not None
+        rows = first.signature[0]
+        deadline = first.enqueued + self.batching.delay
+        while True:
+            rows = self._merge_queued(batch, rows)
+            if rows >= self.batching.max_rows or self._stopping:
+                return
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0 or not self._callers_missing(batch, now):
+                return
+            self._cond.wait(remaining)
+
+    def _merge_queued(self, batch: list[Work], rows: int) -> int:
+        """Under the lock: move every queued request that fits into ``batch``."""
+        sig = batch[0].signature
+        assert sig is not None
         kept: deque[Work] = deque()
         while self._queue:
             work = self._queue.popleft()
             other = work.signature
-            if other is not None and other[1:] == sig[1:] and rows + other[0] <= self.max_merge_rows:
+            if other is not None and other[1:] == sig[1:] and rows + other[0] <= self.batching.max_rows:
                 batch.append(work)
+                self._dequeued(work)
                 rows += other[0]
             else:
                 kept.append(work)
         self._queue.extendleft(reversed(kept))
-        return batch
+        return rows
+
+    def _callers_missing(self, batch: list[Work], now: float) -> bool:
+        """Under the lock: whether a caller active in the last ``ACTIVE_WINDOW`` seconds
+        has no request in ``batch`` (it may send one any moment)."""
+        stale = [c for c, seen in self._callers.items() if now - seen > ACTIVE_WINDOW]
+        for caller in stale:
+            del self._callers[caller]
+        return bool(self._callers.keys() - {w.caller for w in batch})
 
     def _run(self, batch: list[Work]) -> None:
         if len(batch) > 1:

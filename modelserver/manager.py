@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelserver import loaders, memory, swap
-from modelserver.batcher import MIN_RETRY_AFTER, Batcher, BatchStats, QueueLimits, Work
+from modelserver.batcher import MIN_RETRY_AFTER, Batcher, Batching, BatchStats, QueueLimits, Work
 from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
 from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
@@ -106,6 +106,7 @@ class ModelManager:
         self.host = host or memory.HostMemory()
         self.limits = limits or QueueLimits()
         self.deterministic = deterministic
+        self._batching: dict[str, Batching] = {}  # per key, as its handlers last asked
         self.budget_bytes = budget_bytes
         self.gpu_fraction = gpu_fraction
         self.load_wait = load_wait
@@ -159,10 +160,19 @@ class ModelManager:
         return loaded + self._retiring_bytes.get(device, 0)
 
     # -- the public verbs ---------------------------------------------------------------
-    def register(self, key: str, spec: loaders.ModelSpec, *, replace: bool = True) -> ModelSlot:
+    def register(
+        self, key: str, spec: loaders.ModelSpec, *, replace: bool = True, batching: Batching | None = None
+    ) -> ModelSlot:
         """Make ``key`` serve ``spec``, loading it now. A new spec for a known key swaps
-        (``swap``); with ``replace=False`` a known key keeps the spec it serves."""
+        (``swap``); with ``replace=False`` a known key keeps the spec it serves.
+        ``batching``: how the key's requests are merged from now on (None: as before, else
+        the defaults)."""
         with self._lock:
+            if batching is not None:
+                self._batching[key] = batching
+                slot = self._slots.get(key)
+                if slot is not None and slot.batcher is not None:
+                    slot.batcher.configure(batching)
             slot = self._slots.get(key)
             if slot is not None and slot.loaded and (slot.spec == spec or not replace):
                 return slot
@@ -424,6 +434,7 @@ class ModelManager:
                 stats=batch_stats,
                 limits=self.limits,
                 merge=not self.deterministic,
+                batching=self._batching.get(key),
             )
             slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
             slot.batch_stats = batch_stats

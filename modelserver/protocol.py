@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelserver.batcher import Batching
 from modelserver.errors import BadRequest, BeamletError
 
 
@@ -58,6 +59,7 @@ class Load:
     key: str
     spec: dict[str, Any]
     replace: bool = True
+    batching: Batching | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def parse_request(msg: Any) -> Request:
         replace = msg.get("replace", True)
         if not isinstance(replace, bool):
             raise BadRequest(f"request field 'replace' must be bool, got {replace!r:.60}")
-        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict), replace)
+        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict), replace, _batching(msg))
     if op == "hello":
         return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))
     if op == "status":
@@ -138,3 +140,25 @@ def ok_reply(rid: int | None, **fields: Any) -> dict[str, Any]:
 
 def error_reply(rid: int | None, error: BeamletError) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": error.to_wire()}
+
+
+def _batching(msg: dict[str, Any]) -> Batching | None:
+    """A load's optional ``batching``: {max_batch_size: int >= 1 or None,
+    max_batch_duration_secs: number >= 0 or None}."""
+    data = msg.get("batching")
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - {"max_batch_size", "max_batch_duration_secs"}:
+        raise BadRequest(
+            "request field 'batching' must be a map with max_batch_size and max_batch_duration_secs, "
+            f"got {data!r:.80}"
+        )
+    size = data.get("max_batch_size")
+    if size is not None and (type(size) is not int or size < 1):
+        raise BadRequest(f"batching.max_batch_size must be an int >= 1, got {size!r:.40}")
+    delay = data.get("max_batch_duration_secs")
+    if delay is not None and (
+        isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < 3600
+    ):
+        raise BadRequest(f"batching.max_batch_duration_secs must be seconds in [0, 3600), got {delay!r:.40}")
+    return Batching.from_handler(size, delay)

@@ -301,7 +301,7 @@ class ModelServer:
             work = this[0]()
             conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=work.model_id if work else ""))
 
-        work = Work(request.inputs, request.kwargs, reply, request.method)
+        work = Work(request.inputs, request.kwargs, reply, request.method, caller=id(conn))
         this.append(weakref.ref(work))
         self.manager.submit(request.key, work)  # queues, runs now, or waits for a reload: never loads here
 
@@ -312,7 +312,9 @@ class ModelServer:
 
         def run() -> None:
             try:
-                slot = self.manager.register(request.key, spec, replace=request.replace)
+                slot = self.manager.register(
+                    request.key, spec, replace=request.replace, batching=request.batching
+                )
                 conn.send(protocol.ok_reply(request.id, **slot.info))
             except BeamletError as exc:
                 conn.send(protocol.error_reply(request.id, exc))

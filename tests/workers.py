@@ -126,3 +126,40 @@ def keyed_side_args(path: str, sock: str, proc_index: int, threads: int, calls: 
 
     run_threads(work, threads, errors)
     return counts
+
+
+def one_element_calls(
+    path: str, sock: str, proc_index: int, threads: int, calls: int, delay: float | None
+) -> dict:
+    """Each of ``threads`` threads makes ``calls`` RunInference calls of one element each
+    (batch-1 traffic, as from a streaming source) on a large_model handler; returns, per
+    thread, the server's rows and this process's own model's rows for the same inputs."""
+    from client import PytorchModelHandlerTensor, RunInference
+    from tests.models import MLP
+
+    handler = PytorchModelHandlerTensor(
+        path, MLP, {}, max_batch_size=64, max_batch_duration_secs=delay, large_model=True, socket_path=sock
+    )
+    local = MLP()
+    local.load_state_dict(torch.load(path, weights_only=True))
+    local.eval()
+    out: dict = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(proc_index * 1000 + t)
+            xs = [torch.randn(8, generator=g) for _ in range(calls)]
+            got = []
+            for x in xs:
+                (result,) = list([x] | RunInference(handler))
+                assert result.example is x
+                got.append(result.inference)
+            with torch.inference_mode():
+                expected = local(torch.stack(xs))
+            out[t] = (torch.stack(got).numpy(), expected.numpy())
+        except BaseException as exc:  # reported to the parent
+            errors.append(exc)
+
+    run_threads(work, threads, errors)
+    return out
