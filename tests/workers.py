@@ -18,6 +18,15 @@ def run_threads(work, n: int, errors: list[BaseException]) -> None:
         raise errors[0]
 
 
+def local_mlp(path: str):
+    """The checkpoint's MLP, loaded in this process, for comparison."""
+    from tests.models import MLP
+
+    local = MLP()
+    local.load_state_dict(torch.load(path, weights_only=True))
+    return local.eval()
+
+
 def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows: int) -> dict:
     """M threads in this process each run RunInference(large_model=True) on their own data;
     returns the server's outputs and torch's in-process outputs for comparison."""
@@ -27,9 +36,7 @@ def infer_from_threads(path: str, sock: str, proc_index: int, threads: int, rows
     handler = PytorchModelHandlerTensor(
         path, MLP, {}, max_batch_size=16, min_batch_size=16, large_model=True, socket_path=sock
     )
-    local = MLP()
-    local.load_state_dict(torch.load(path, weights_only=True))
-    local.eval()
+    local = local_mlp(path)
     out: dict = {}
     errors: list[BaseException] = []
 
@@ -140,9 +147,7 @@ def one_element_calls(
     handler = PytorchModelHandlerTensor(
         path, MLP, {}, max_batch_size=64, max_batch_duration_secs=delay, large_model=True, socket_path=sock
     )
-    local = MLP()
-    local.load_state_dict(torch.load(path, weights_only=True))
-    local.eval()
+    local = local_mlp(path)
     out: dict = {}
     errors: list[BaseException] = []
 
