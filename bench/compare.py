@@ -13,6 +13,9 @@
                shared-memory path.
 4. memory      4 worker processes using a 256 MiB model via the server (workers + server)
                versus each worker loading it: summed RSS, PSS and USS, and their ratios.
+5. batch-1     4 worker processes x 4 threads, each RunInference call carrying one element
+               (the MLP of 1): calls/s through the model server, which merges them across
+               workers, over the same workers each with the model in-process. Target >= 3x.
 
 Progress goes to stderr, the table to stdout, and every figure to
 ``bench/results/compare-<time>.json``.
@@ -502,6 +505,108 @@ def _memory_run(
             conn.close()
 
 
+# -- 5. batch-1 traffic from several workers -------------------------------------------------
+def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -> None:
+    from bench import batch1
+
+    procs, threads, calls = args.b1_workers, args.b1_threads, args.b1_calls
+    with common.private_dir() as directory, common.model_server() as srv:
+        state = os.path.join(directory, "mlp.pt")
+        common.save_state_dict(BenchMLP, {}, state)
+        kinds = {"server": srv.path, "in_process": None}
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        load: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+        server_threads: list[int] = []
+        for r in range(args.repeats):
+            for name in list(kinds) if r % 2 == 0 else list(reversed(kinds)):
+                meter = common.LoadMeter().start()
+                total, seconds = _batch1_run(batch1.worker, state, kinds[name], procs, threads, calls)
+                load[name].append(meter.stop())
+                rates[name].append(total / seconds)
+                if name == "server":
+                    server_threads.append(psutil.Process(srv.pid).num_threads())
+                progress(
+                    f"5 batch-1: repeat {r + 1}/{args.repeats} {name:<10} {total / seconds:>8,.0f} calls/s"
+                    f"  (other load {load[name][-1]['foreign']:.0%})"
+                )
+        with srv.channel() as ch:
+            (m,) = ch.request({"op": "status"})["status"]["models"]
+    rate = {k: median(v) for k, v in rates.items()}
+    ratio = rate["server"] / rate["in_process"]
+    report.results["batch1"] = {
+        "workers": procs,
+        "threads": threads,
+        "calls_per_thread": calls,
+        "calls_per_second": rates,
+        "calls_per_second_median": rate,
+        "ratio_server_over_in_process": ratio,
+        "server_requests": m["requests"],
+        "server_batches": m["batches"],
+        "server_threads_after_each_run": server_threads,
+        "other_load": load,
+        "target": ">= 3",
+    }
+    report.notes.append(_load_note("5", [x["foreign"] for runs in load.values() for x in runs]))
+    report.rows.append(
+        Row(
+            "5",
+            f"batch-1 calls/s, {procs} workers x {threads} threads, via server",
+            f"{rate['server']:,.0f}/s",
+            f"in-process {rate['in_process']:,.0f}/s",
+            ratio,
+            ">= 3x",
+            ratio >= 3.0,
+        )
+    )
+    report.rows.append(
+        Row(
+            "5",
+            "  (info) server rows per forward pass",
+            f"{m['rows'] / max(1, m['batches']):.1f}",
+            f"{m['requests']} requests",
+            None,
+        )
+    )
+
+
+def _batch1_run(
+    target: Callable[..., None], state: str, path: str | None, procs: int, threads: int, calls: int
+) -> tuple[int, float]:
+    """One run: ``procs`` spawned workers start together; (calls made, seconds from the
+    first worker's start to the last one's end)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    pipes, workers = [], []
+    try:
+        for i in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=target, args=(child, barrier, state, path, threads, calls), name=f"bench-batch1-{i}"
+            )
+            p.start()
+            child.close()
+            workers.append(p)
+            pipes.append(parent)
+        got = []
+        for i, conn in enumerate(pipes):
+            if not conn.poll(600):
+                raise TimeoutError(f"batch-1 worker {i} did not report within 600s")
+            status, detail = conn.recv()
+            if status != "ok":
+                raise RuntimeError(f"batch-1 worker {i} failed: {detail}")
+            got.append(detail)
+    finally:
+        for p in workers:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    total = sum(n for n, _, _ in got)
+    if total != procs * threads * calls:
+        raise AssertionError(f"{total} of {procs * threads * calls} calls returned a 16-wide result")
+    return total, max(end for _, _, end in got) - min(start for _, start, _ in got)
+
+
 def _mib(n: float) -> str:
     return f"{n / MiB:,.0f} MiB"
 
@@ -559,7 +664,7 @@ def wait_until_quiet(limit: float, progress: Progress, threshold: float = 0.10) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="1,2,3,4", help="which benchmarks, e.g. 1,3 (default all)")
+    p.add_argument("--only", default="1,2,3,4,5", help="which benchmarks, e.g. 1,3 (default all)")
     p.add_argument("--rows", type=int, default=20_000, help="rows for the throughput benchmark")
     p.add_argument("--batch", type=int, default=64, help="batch size for the throughput benchmark")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each throughput variant")
@@ -568,6 +673,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bulk-repeats", type=int, default=10, help="bulk round trips and memcpys")
     p.add_argument("--workers", type=int, default=4, help="worker processes in the memory benchmark")
     p.add_argument("--width", type=int, default=4096, help="memory model width (4 layers; 4096 = 256 MiB)")
+    p.add_argument("--b1-workers", type=int, default=4, help="worker processes in the batch-1 benchmark")
+    p.add_argument("--b1-threads", type=int, default=4, help="threads per worker in the batch-1 benchmark")
+    p.add_argument("--b1-calls", type=int, default=150, help="one-element calls per thread (batch-1)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/compare-<time>.json)")
     p.add_argument(
         "--wait-quiet",
@@ -581,9 +689,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.selected = sorted({int(s) for s in args.only.split(",") if s.strip()})
     except ValueError:
-        p.error(f"--only takes numbers 1-4 separated by commas, not {args.only!r}")
-    if not set(args.selected) <= {1, 2, 3, 4}:
-        p.error("--only takes numbers 1-4")
+        p.error(f"--only takes numbers 1-5 separated by commas, not {args.only!r}")
+    if not set(args.selected) <= set(BENCHMARKS):
+        p.error("--only takes numbers 1-5")
     return args
 
 
@@ -592,6 +700,7 @@ BENCHMARKS: dict[int, Callable[[argparse.Namespace, Report, Progress], None]] = 
     2: bench_roundtrip,
     3: bench_bulk,
     4: bench_memory,
+    5: bench_batch1,
 }
 
 

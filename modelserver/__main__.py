@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after this long with no client connected (default: never)",
     )
     serve.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch's intra-op threads for every forward pass (default: torch's, one per core "
+        "this process may use)",
+    )
+    serve.add_argument(
         "--heartbeat",
         type=float,
         default=HEARTBEAT_INTERVAL,
@@ -137,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(stop)
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +200,7 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         print(f"modelserver: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
-    server.warm_up()
+    server.warm_up(threads=args.threads)
     server.serve_forever()
     return 0
 

@@ -116,13 +116,18 @@ class ModelServer:
             config.format_size(self.manager.budget_bytes) if self.manager.budget_bytes else "none",
         )
 
-    def warm_up(self) -> None:
+    def warm_up(self, threads: int | None = None) -> None:
         """Import torch and run one tiny op before serving, so the first model's measured
         footprint is the model's and not torch's own start-up allocations; then freeze
-        the collector's view of everything that exists so far."""
+        the collector's view of everything that exists so far. ``threads``: torch's
+        intra-op threads (None: torch's default)."""
         import gc
 
         import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log.info("forward passes use %d intra-op threads", torch.get_num_threads())
 
         memory.Nvml.module()  # NVML's one-time set-up (and its note) now, outside any lock
         if self.manager.deterministic:

@@ -1,0 +1,50 @@
+"""Batch-1 traffic from several worker processes, each with several threads: every
+``RunInference`` call carries one element (a streaming source, an online request per
+element). Runs in spawned processes for ``bench.compare`` benchmark 5."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+
+
+def worker(conn: Any, barrier: Any, state: str, socket_path: str | None, threads: int, calls: int) -> None:
+    """Build the handler (large_model when ``socket_path`` is given), warm it up, wait for
+    every worker at ``barrier``, then make ``threads`` x ``calls`` one-element calls and
+    send back (calls made, start, end) on the machine-wide monotonic clock."""
+    from bench.common import BenchMLP
+    from client import PytorchModelHandlerTensor, RunInference
+
+    try:
+        handler = PytorchModelHandlerTensor(
+            state,
+            BenchMLP,
+            {},
+            max_batch_size=64,
+            large_model=socket_path is not None,
+            socket_path=socket_path,
+        )
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(512, generator=g) for _ in range(calls)]
+        for x in xs[:20]:  # loads the model (here or in the server), warms the path
+            list([x] | RunInference(handler))
+        done = [0] * threads
+
+        def work(t: int) -> None:
+            for x in xs:
+                (result,) = list([x] | RunInference(handler))
+                done[t] += result.inference.shape[0] == 16
+
+        barrier.wait(120)
+        start = time.monotonic()
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for p in pool:
+            p.start()
+        for p in pool:
+            p.join()
+        conn.send(("ok", (sum(done), start, time.monotonic())))
+    except BaseException as exc:  # reported to the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
