@@ -472,11 +472,7 @@ def _memory_run(
             procs.append(p)
             pipes.append(parent)
         for i, conn in enumerate(pipes):
-            if not conn.poll(300):
-                raise TimeoutError(f"memory worker {i} did not report within 300s")
-            status, detail = conn.recv()
-            if status != "ready":
-                raise RuntimeError(f"memory worker {i} failed: {detail}")
+            _report_of(conn, f"memory worker {i}", "ready", 300)
         pids = {f"worker{i}": p.pid for i, p in enumerate(procs)}
         if srv is not None:
             pids["server"] = srv.pid
@@ -587,14 +583,7 @@ def _batch1_run(
             child.close()
             workers.append(p)
             pipes.append(parent)
-        got = []
-        for i, conn in enumerate(pipes):
-            if not conn.poll(600):
-                raise TimeoutError(f"batch-1 worker {i} did not report within 600s")
-            status, detail = conn.recv()
-            if status != "ok":
-                raise RuntimeError(f"batch-1 worker {i} failed: {detail}")
-            got.append(detail)
+        got = [_report_of(conn, f"batch-1 worker {i}", "ok", 600) for i, conn in enumerate(pipes)]
     finally:
         for p in workers:
             p.join(30)
@@ -605,6 +594,16 @@ def _batch1_run(
     if total != procs * threads * calls:
         raise AssertionError(f"{total} of {procs * threads * calls} calls returned a 16-wide result")
     return total, max(end for _, _, end in got) - min(start for _, start, _ in got)
+
+
+def _report_of(conn: Any, who: str, expected: str, timeout: float) -> Any:
+    """A spawned worker's (status, detail) report: its detail, or why there is none."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"{who} did not report within {timeout:.0f}s")
+    status, detail = conn.recv()
+    if status != expected:
+        raise RuntimeError(f"{who} failed: {detail}")
+    return detail
 
 
 def _mib(n: float) -> str:
