@@ -11,8 +11,8 @@ once with Beam's ``PytorchModelHandlerTensor(..., large_model=True)`` (the model
 process, reached through ``multi_process_shared``'s pickled RPC) and once with
 ``BeamletModelHandler(PytorchModelHandlerTensor(..., large_model=True))`` (the model in
 the beamlet model server, reached over its Unix socket). For each it reports
-elements/s over the whole pipeline (start-up included), the peak RSS of the whole
-process tree (the launching process, the SDK workers, the model's process; sampled
+elements/s over the whole pipeline (start-up included), the peak PSS (every 200 ms) and
+RSS of the whole process tree (the launching process, the SDK workers, the model's process; sampled
 every 20 ms), their ratios, the largest difference between the two runs' outputs, and
 what each run left in its temp directory. Each run is launched from a fresh process, so
 both trees start from the same baseline. The order of the runs alternates between
@@ -50,18 +50,29 @@ from bench.harness_runs import TreePeak
 
 
 class RolePeaks(TreePeak):
-    """The tree's peak, and each process's own peak RSS with its role."""
+    """The tree's peak RSS (every 20 ms) and peak PSS (every ``PSS_EVERY`` samples:
+    reading smaps is slow), and each process's own peak RSS with its role. PSS splits
+    shared pages (torch's libraries, a model mapped by several processes) among the
+    processes that share them, so the tree's PSS counts each page once."""
+
+    PSS_EVERY = 10
 
     def __init__(self) -> None:
         self.roles: dict[int, tuple[str, int]] = {}
+        self.peak_pss = 0
+        self._samples = 0
         super().__init__()
 
     def _total(self) -> int:
-        total = 0
+        total = pss = 0
+        self._samples += 1
+        with_pss = self._samples % self.PSS_EVERY == 1
         for p in [self.root, *self.root.children(recursive=True)]:
             try:
                 rss = p.memory_info().rss
                 cmd = " ".join(p.cmdline())
+                if with_pss:
+                    pss += p.memory_full_info().pss
             except psutil.Error:
                 continue
             total += rss
@@ -72,6 +83,7 @@ class RolePeaks(TreePeak):
                 else "other"
             )  # fmt: skip
             self.roles[p.pid] = (role, max(rss, self.roles.get(p.pid, ("", 0))[1]))
+        self.peak_pss = max(self.peak_pss, pss)
         return total
 
     def breakdown(self) -> list[tuple[str, float]]:
@@ -196,6 +208,7 @@ def one_run(
         "elements_per_s": n / seconds,
         "seconds": seconds,
         "peak_tree_rss_mib": tree / (1 << 20),
+        "peak_tree_pss_mib": peak.peak_pss / (1 << 20),
         "process_peaks_mib": peak.breakdown(),
         "left_in_tmp": left,
         "outputs": outputs,
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         kind: {
             "elements_per_s": statistics.median(r["elements_per_s"] for r in rs),
             "peak_tree_rss_mib": statistics.median(r["peak_tree_rss_mib"] for r in rs),
+            "peak_tree_pss_mib": statistics.median(r["peak_tree_pss_mib"] for r in rs),
             "left_in_tmp": sorted({f for r in rs for f in r["left_in_tmp"]}),
         }
         for kind, rs in runs.items()
@@ -279,15 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.rows:,} rows, model {args.model} ({nbytes / (1 << 20):.0f} MiB of weights), batch {args.batch}, "
         f"DirectRunner multi_processing with {WORKERS} SDK workers, median of {args.repeats}"
     )
-    print("| handler | elements/s | peak tree RSS | files left in the temp dir |")
-    print("|---|---|---|---|")
+    print("| handler | elements/s | peak tree PSS | peak tree RSS | files left in the temp dir |")
+    print("|---|---|---|---|---|")
     for name, s in (("Beam PytorchModelHandlerTensor(large_model=True)", b), ("BeamletModelHandler", o)):
         print(
-            f"| {name} | {s['elements_per_s']:,.0f} | {s['peak_tree_rss_mib']:,.0f} MiB | "
-            f"{len(s['left_in_tmp'])} |"
+            f"| {name} | {s['elements_per_s']:,.0f} | {s['peak_tree_pss_mib']:,.0f} MiB | "
+            f"{s['peak_tree_rss_mib']:,.0f} MiB | {len(s['left_in_tmp'])} |"
         )
     print(
         f"| ratio beamlet / Beam | {o['elements_per_s'] / b['elements_per_s']:.2f}x | "
+        f"{o['peak_tree_pss_mib'] / b['peak_tree_pss_mib']:.2f}x | "
         f"{o['peak_tree_rss_mib'] / b['peak_tree_rss_mib']:.2f}x | |"
     )
     print(f"largest difference between the two runs' outputs: {max_diff:.3g}")
