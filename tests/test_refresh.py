@@ -158,6 +158,8 @@ def test_run_inference_swaps_versions_on_updates_and_names_each_result(private_d
                 assert models.wait_for(handler)  # the new version is loaded (no element waits)
             if i == 200:
                 updates.put(ModelMetadata(bad, "bad"))
+            if i == 210:  # the bad version is tried and rejected (not merely still loading)
+                assert models.wait_for(handler) is False
             yield x
 
     with caplog.at_level(logging.ERROR):
