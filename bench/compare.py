@@ -27,6 +27,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ def bench_throughput(args: argparse.Namespace, report: Report, progress: Progres
     data = common.make_rows(args.rows, 512, seed=0)
     batches = list(data.split(b))
     examples = list(data.unbind(0))
-    with common.private_dir() as directory, common.model_server() as srv:
+    with common.private_dir() as directory, common.model_server(*args.server_args) as srv:
         state = os.path.join(directory, "mlp.pt")
         common.save_state_dict(BenchMLP, {}, state)
         server_handler = PytorchModelHandlerTensor(
@@ -238,7 +239,7 @@ def bench_roundtrip(args: argparse.Namespace, report: Report, progress: Progress
     chunk = max(1, min(1000, n // 5))
     x = torch.zeros(1, 4)
     echo_msg = {"op": "infer", "key": "identity", "id": 0, "inputs": bytes(16), "kwargs": {}}
-    with common.model_server() as srv, common.echo_server() as echo:
+    with common.model_server(*args.server_args) as srv, common.echo_server() as echo:
         ch = srv.channel()
         client = ServerClient(srv.path, autostart=False)
         echo_client = EchoClient(echo.path)
@@ -350,7 +351,7 @@ def bench_bulk(args: argparse.Namespace, report: Report, progress: Progress) -> 
         fresh_copy.append(time.perf_counter() - t0)
         del fresh
 
-    with common.model_server() as srv, srv.channel() as ch:
+    with common.model_server(*args.server_args) as srv, srv.channel() as ch:
         ch.request({"op": "load", "key": "identity", "spec": common.identity_spec().to_wire()})
         progress(f"3 bulk: warm-up, then {reps} round trips of {nbytes / MiB:.0f} MiB through Identity")
         out = ch.request({"op": "infer", "key": "identity", "inputs": x})["outputs"]
@@ -407,7 +408,7 @@ def bench_memory(args: argparse.Namespace, report: Report, progress: Progress) -
         model_bytes = common.save_state_dict(WideMLP, params, state)
         progress(f"4 memory: {args.workers} workers, model {model_bytes / MiB:.0f} MiB, in-process")
         local = _memory_run(args, state, params, None, progress)
-        with common.model_server() as srv:
+        with common.model_server(*args.server_args) as srv:
             progress(f"4 memory: {args.workers} workers via the model server (pid {srv.pid})")
             served = _memory_run(args, state, params, srv, progress)
             with srv.channel() as ch:
@@ -506,7 +507,7 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
     from bench import batch1
 
     procs, threads, calls = args.b1_workers, args.b1_threads, args.b1_calls
-    with common.private_dir() as directory, common.model_server() as srv:
+    with common.private_dir() as directory, common.model_server(*args.server_args) as srv:
         state = os.path.join(directory, "mlp.pt")
         common.save_state_dict(BenchMLP, {}, state)
         kinds = {"server": srv.path, "in_process": None}
@@ -682,6 +683,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         metavar="SECONDS",
         help="before each benchmark, wait up to this long for other processes to leave the CPUs idle",
+    )
+    p.add_argument(
+        "--server-args",
+        type=shlex.split,
+        default=[],
+        metavar="ARGS",
+        help="extra arguments for every model server, e.g. '--threads 1'",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
