@@ -136,3 +136,37 @@ def test_a_bad_batching_setting_is_refused_by_name(server, sock_path):
             with pytest.raises(BadRequest, match=field):
                 ch.request({"op": "load", "key": "i", "spec": spec.to_wire(), "batching": bad})
         assert ch.request({"op": "status"})["status"]["models"] == []
+
+
+def test_forwards_run_on_the_models_thread_not_on_one_team_per_connection(sock_path):
+    """32 connections take turns running forwards of an MLP big enough for torch to use
+    its intra-op threads, each finding the model idle. Forwards run only on the model's
+    batcher thread, so the server gains a reader thread per connection and nothing more.
+    (When an idle model's forward ran on the reader thread, each reader kept an OpenMP
+    team of its own: this test then saw 33 more threads.)"""
+    import psutil
+
+    from modelserver import userclass
+    from modelserver.loaders import ModelSpec as Spec
+
+    srv = start_server(sock_path)
+    server = psutil.Process(srv.proc.pid)
+    spec = Spec(
+        "pytorch_state_dict", None, userclass.describe(MLP), {"d_in": 256, "hidden": 1024, "d_out": 4}
+    )
+    try:
+        with Channel(sock_path) as ch:
+            ch.request({"op": "load", "key": "m", "spec": spec.to_wire()})
+            ch.request({"op": "infer", "key": "m", "inputs": torch.randn(64, 256)})  # the batcher's team
+        n = 32
+        chans = [Channel(sock_path) for _ in range(n)]
+        baseline = server.num_threads()  # now with a reader per channel
+        for _ in range(3):  # one at a time: each finds the model idle
+            for ch in chans:
+                ch.request({"op": "infer", "key": "m", "inputs": torch.randn(64, 256)})
+        grown = server.num_threads() - baseline
+        for ch in chans:
+            ch.close()
+        assert grown <= 4, f"the server gained {grown} threads while {n} connections ran forwards"
+    finally:
+        srv.stop()
