@@ -25,7 +25,8 @@ attaches a request region of ``shm_bytes`` (default 1 GiB of virtual size, or
 $BEAMLET_SHM_BYTES; at most the server's frame limit; 0 for none) and receives the
 server's reply region. Arrays of at least ``shm.THRESHOLD`` bytes are then copied into
 the request region and only their descriptors travel; reply arrays are copied out of
-the reply region while the reply is decoded, so nothing the caller gets refers to it.
+the reply region (or, for an input the server hands back, out of the request region)
+while the reply is decoded, so nothing the caller gets refers to shared memory.
 A server that refuses (an older one) leaves the channel on the socket path.
 """
 
@@ -115,7 +116,7 @@ class Channel:
             requests.close()
             return
         self.shm = requests
-        self._frames.shm, self._frames.borrow = replies, False
+        self._frames.shm, self._frames.borrow, self._frames.own = replies, False, requests
 
     def _exchange_regions(self, requests: shm.Region) -> shm.Region | None:
         """The shm_attach exchange: our descriptor out, the server's in (None: refused)."""
@@ -249,7 +250,7 @@ class Channel:
         except OSError:
             pass
         self._frames.close_fds()
-        requests, self.shm = self.shm, None
+        requests, self.shm, self._frames.own = self.shm, None, None
         replies, self._frames.shm = self._frames.shm, None
         for region in (requests, replies):
             if region is not None:

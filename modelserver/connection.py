@@ -25,7 +25,8 @@ while a stopped or wedged server process sends nothing and is caught by it.
 Shared memory (``modelserver.shm``): right after ``hello`` a client may send
 ``shm_attach`` with its request region's descriptor; the connection then borrows request
 arrays as views of that region and writes big reply arrays into a reply region of its
-own, whose descriptor goes back with the reply. The reply region is rewound when a frame
+own, whose descriptor goes back with the reply (a reply array that lies in the request
+region, an input handed back, is named by its place there instead). The reply region is rewound when a frame
 flagged ``FLAG_REWIND`` arrives while nothing is in flight. Both are unmapped when the
 reader thread ends (a view still lent to a batch keeps its mapping until it goes).
 """
@@ -120,7 +121,7 @@ class Connection:
         if self._closed.is_set():
             return
         try:
-            head, buffers = wire.encode(message, shm=self._reply_shm)
+            head, buffers = wire.encode(message, shm=self._reply_shm, peer=self._frames.shm)
         except (TypeError, BeamletError) as exc:
             rid = message.get("id") if isinstance(message, dict) else None
             head, buffers = wire.encode(

@@ -22,10 +22,11 @@ Lifetime, the contract both ends keep (docs/protocol.md, "Shared memory"):
 - The client's request region is rewound at the start of every ``Channel.request_many``:
   a channel has one user at a time and ``request_many`` returns only once every reply
   has arrived, so the server has answered everything that pointed into it. The server
-  never uses a view into it after replying; an output that aliases its input (an
-  Identity model) is copied into the reply region, or written from the request region
-  into the socket before the client can see the reply, and so before the client can
-  rewind.
+  never uses a view into it after replying. An output that is (a piece of) its input,
+  as with an Identity model, is handed back by place (``place_of``,
+  ``wire.EXT_SHM_RETURN``): the reply names where it lies in the client's own request
+  region, and the client copies it out while decoding, before ``request_many`` returns
+  and so before it rewinds; the server copies nothing and touches nothing after.
 - The server's reply region is rewound when a frame flagged ``wire.FLAG_REWIND`` arrives
   (the first request of each ``request_many``) while no request of that connection is in
   flight: the client has then read every earlier reply, and it copies arrays out of the
@@ -98,6 +99,7 @@ class Region:
         self.size = size
         self.threshold = threshold
         self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        self._address = int(np.frombuffer(self._mm, np.uint8, 1).__array_interface__["data"][0])
         self._fd: int | None = None  # our own region's descriptor, until it is handed over
         self._lock = threading.Lock()
         self._top = 0  # next free offset
@@ -207,6 +209,17 @@ class Region:
                 f"{self.size}-byte region (or is not {ALIGN}-byte aligned)"
             )
         return np.frombuffer(mm, np.uint8, nbytes, offset)
+
+    def place_of(self, arr: np.ndarray) -> int | None:
+        """The offset at which ``arr``'s bytes lie in this region (C-contiguous, 64-byte
+        aligned), or None when they do not: an output that is (a piece of) its request's
+        input, which the server names by its place instead of copying it."""
+        if self._mm is None or not arr.flags.c_contiguous:
+            return None
+        offset = int(arr.__array_interface__["data"][0]) - self._address
+        if offset < 0 or offset % ALIGN or offset + arr.nbytes > self.size:
+            return None
+        return offset
 
     def close(self) -> None:
         """Unmap now, or, while views of it are still lent out, when the last one goes."""

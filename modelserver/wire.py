@@ -31,7 +31,9 @@ Arrays of at least the sender's ``shm.Region.threshold`` bytes, on a connection 
 shares memory (``modelserver.shm``), travel as ExtType(EXT_SHM_ARRAY): the same
 descriptor followed by ``offset:u64 nbytes:u64``, the place the sender copied the bytes to
 in its own region; the receiver checks it against that region's bounds and borrows or
-copies the bytes. ``FLAG_REWIND`` on a frame says its sender has read every reply to its
+copies the bytes. ExtType(EXT_SHM_RETURN), with the same data, names a place in the
+*receiver's* own region instead: a reply array that is (a piece of) the request's input,
+handed back without a copy; the client copies it out. ``FLAG_REWIND`` on a frame says its sender has read every reply to its
 earlier frames (the server may then reuse its reply region; see shm.py for the rules).
 
 A few plain values that model parameters and inference arguments use travel as
@@ -79,6 +81,7 @@ EXT_ARRAY = 1
 EXT_INLINE_ARRAY = 2
 EXT_VALUE = 3
 EXT_SHM_ARRAY = 4
+EXT_SHM_RETURN = 5
 INLINE_MAX = 4096
 FLAG_REWIND = 0x01  # the sender has read every reply to its earlier frames (shm.py)
 MAX_FDS = 4  # descriptors a reader keeps waiting for the request that claims them
@@ -166,13 +169,14 @@ class _Encoder:
     """Collects the raw buffers of the arrays met while packing one message; with a
     shared-memory region, copies the big ones there instead."""
 
-    __slots__ = ("buffers", "nbytes", "fallback", "shm")
+    __slots__ = ("buffers", "nbytes", "fallback", "shm", "peer")
 
-    def __init__(self, fallback: Any = None, shm: Region | None = None) -> None:
+    def __init__(self, fallback: Any = None, shm: Region | None = None, peer: Region | None = None) -> None:
         self.buffers: list[memoryview] = []
         self.nbytes = 0
         self.fallback = fallback  # for fingerprints of values that never travel
         self.shm = shm
+        self.peer = peer
 
     def default(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -213,6 +217,10 @@ class _Encoder:
         desc = _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
         if arr.nbytes <= INLINE_MAX:
             return msgpack.ExtType(EXT_INLINE_ARRAY, desc + arr.tobytes())
+        if self.peer is not None:
+            place = self.peer.place_of(arr)
+            if place is not None:
+                return msgpack.ExtType(EXT_SHM_RETURN, desc + _SHM.pack(place, arr.nbytes))
         if self.shm is not None and arr.nbytes >= self.shm.threshold:
             spot = self.shm.reserve(arr.nbytes)
             if spot is not None:
@@ -242,23 +250,27 @@ class _Encoder:
 
 
 class _Decoder:
-    """Allocates the arrays of one frame as its header is unpacked. Arrays in shared
-    memory are borrowed as views of ``shm`` (``borrow``) or copied out of it."""
+    """Allocates the arrays of one frame as its header is unpacked. Arrays in the peer's
+    shared memory are borrowed as views of ``shm`` (``borrow``) or copied out of it;
+    arrays handed back in our ``own`` region are copied out of that."""
 
-    __slots__ = ("views", "nbytes", "limit", "shm", "borrow", "shm_nbytes")
+    __slots__ = ("views", "nbytes", "limit", "shm", "borrow", "own", "shm_nbytes")
 
-    def __init__(self, limit: int, shm: Region | None = None, borrow: bool = False) -> None:
+    def __init__(
+        self, limit: int, shm: Region | None = None, borrow: bool = False, own: Region | None = None
+    ) -> None:
         self.views: list[memoryview] = []
         self.nbytes = 0
         self.limit = limit
         self.shm = shm
         self.borrow = borrow
-        self.shm_nbytes = 0
+        self.own = own
+        self.shm_nbytes = {EXT_SHM_ARRAY: 0, EXT_SHM_RETURN: 0}
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         if code == EXT_VALUE:
             return self._value(data)
-        if code not in (EXT_ARRAY, EXT_INLINE_ARRAY, EXT_SHM_ARRAY) or len(data) < 3:
+        if code not in (EXT_ARRAY, EXT_INLINE_ARRAY, EXT_SHM_ARRAY, EXT_SHM_RETURN) or len(data) < 3:
             raise ProtocolError(f"unknown or malformed msgpack extension (type {code})")
         kind, dtype_code, ndim = _DESC.unpack_from(data)
         end = 3 + 8 * ndim
@@ -276,8 +288,8 @@ class _Decoder:
             if len(data) - end != nbytes:
                 raise ProtocolError(f"inline array holds {len(data) - end} bytes, its shape needs {nbytes}")
             return _wrap(kind, dtype_code, np.frombuffer(data, np_dtype, count, end).reshape(shape).copy())
-        if code == EXT_SHM_ARRAY:
-            return _wrap(kind, dtype_code, self._shm_array(data, end, nbytes, np_dtype, shape))
+        if code in (EXT_SHM_ARRAY, EXT_SHM_RETURN):
+            return _wrap(kind, dtype_code, self._shm_array(code, data, end, nbytes, np_dtype, shape))
         if len(data) != end:
             raise ProtocolError("malformed array descriptor")
         self.nbytes += nbytes
@@ -295,19 +307,26 @@ class _Decoder:
             self.views.append(memoryview(holder.numpy()).cast("B"))
         return t
 
-    def _shm_array(self, data: bytes, end: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+    def _shm_array(
+        self, code: int, data: bytes, end: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> Any:
         if len(data) != end + _SHM.size:
             raise ProtocolError("malformed shared-memory array descriptor")
         offset, size = _SHM.unpack_from(data, end)
         if size != nbytes:
             raise ProtocolError(f"shared-memory array says {size} bytes, its dtype and shape need {nbytes}")
-        if self.shm is None:
-            raise ProtocolError("a shared-memory array on a connection without shared memory (shm_attach)")
-        self.shm_nbytes += nbytes
-        if self.shm_nbytes > self.shm.size:
-            raise ProtocolError(f"shared-memory arrays add up to more than the {self.shm.size}-byte region")
-        src = self.shm.view(offset, nbytes).view(dtype).reshape(shape)
-        if self.borrow:
+        region = self.shm if code == EXT_SHM_ARRAY else self.own
+        if region is None:
+            raise ProtocolError(
+                "a shared-memory array on a connection without shared memory (shm_attach)"
+                if code == EXT_SHM_ARRAY
+                else "an array handed back in shared memory this side does not write"
+            )
+        self.shm_nbytes[code] += nbytes
+        if self.shm_nbytes[code] > region.size:
+            raise ProtocolError(f"shared-memory arrays add up to more than the {region.size}-byte region")
+        src = region.view(offset, nbytes).view(dtype).reshape(shape)
+        if self.borrow and code == EXT_SHM_ARRAY:
             return src
         arr = np.empty(shape, dtype)  # numpy's allocator asks for huge pages: fewer faults
         np.copyto(arr, src)
@@ -362,10 +381,13 @@ def fingerprint(value: Any, fallback: Any = None) -> str:
     return h.hexdigest()
 
 
-def encode(message: Any, *, shm: Region | None = None, flags: int = 0) -> tuple[bytes, list[memoryview]]:
+def encode(
+    message: Any, *, shm: Region | None = None, peer: Region | None = None, flags: int = 0
+) -> tuple[bytes, list[memoryview]]:
     """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables.
-    ``shm``: the sender's own shared-memory region, for arrays of at least its threshold."""
-    enc = _Encoder(shm=shm)
+    ``shm``: the sender's own shared-memory region, for arrays of at least its threshold;
+    ``peer``: the receiver's, for arrays that already lie in it (handed back by place)."""
+    enc = _Encoder(shm=shm, peer=peer)
     header = msgpack.packb(message, default=enc.default, use_bin_type=True, strict_types=True)
     if len(header) > MAX_HEADER_BYTES:
         raise FrameTooLarge(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
@@ -428,7 +450,8 @@ class FrameReader:
     socket into the arrays' own memory.
 
     ``shm``: the peer's shared-memory region, once attached; its arrays are borrowed as
-    views (``borrow``) or copied out. ``flags``: the flags byte of the last frame read.
+    views (``borrow``) or copied out. ``own``: our own region, for arrays the peer hands
+    back in it (copied out). ``flags``: the flags byte of the last frame read.
     While ``accept_fds`` is set, descriptors that arrive (SCM_RIGHTS) are kept for
     ``take_fds`` (at most ``MAX_FDS``; more is a ProtocolError); otherwise the kernel drops
     them.
@@ -439,6 +462,7 @@ class FrameReader:
         self.max_body = max_body
         self.shm: Region | None = None
         self.borrow = False
+        self.own: Region | None = None
         self.flags = 0
         self.accept_fds = False
         self._fds: list[int] = []
@@ -474,7 +498,7 @@ class FrameReader:
         self._start += PREFIX.size
         self.flags = flags
         header = self._take(header_len)
-        dec = _Decoder(body_len, self.shm, self.borrow)
+        dec = _Decoder(body_len, self.shm, self.borrow, self.own)
         try:
             message = msgpack.unpackb(header, ext_hook=dec.ext_hook, raw=False)
         except ProtocolError:

@@ -21,12 +21,12 @@ import psutil
 import pytest
 import torch
 
-from modelserver import shm, userclass, wire
+from modelserver import config, shm, userclass, wire
 from modelserver.channel import Channel
 from modelserver.errors import BadRequest, ProtocolError, ServerUnavailable
 from modelserver.loaders import ModelSpec
 from tests.conftest import ROOT, server_env, start_server
-from tests.models import Gate
+from tests.models import Gate, HandsBack
 
 MiB = 1 << 20
 IDENTITY = ModelSpec("pytorch_state_dict", None, {"name": "torch.nn:Identity", "source": None}).to_wire()
@@ -277,6 +277,9 @@ FORGED = {
     ),
     "bad dtype": lambda size: shm_ext(0, 4096, (1024,), dtype=99),
     "more than the region in all": lambda size: [shm_ext(0, size, (size // 4,))] * 2,
+    "handed back to the server": lambda size: msgpack.ExtType(
+        wire.EXT_SHM_RETURN, shm_ext(0, 4096, (1024,)).data
+    ),
 }
 
 
@@ -294,6 +297,37 @@ def test_forged_descriptors_are_refused_by_the_decoder(case):
 def test_a_descriptor_without_a_region_is_refused():
     with pytest.raises(ProtocolError, match="without shared memory"):
         decode(frame({"inputs": shm_ext(0, 4096, (1024,))}), None, borrow=True)
+
+
+def test_an_input_handed_back_is_named_by_its_place_and_copied_out():
+    requests = shm.Region.create("beamlet-test", 8 * MiB)
+    replies = shm.Region.create("beamlet-test", 8 * MiB)
+    try:
+        x = torch.randn(64, 4096)
+        head, _ = wire.encode({"inputs": x}, shm=requests)
+        borrowed = decode(head, requests, borrow=True)["inputs"]  # the server's view
+        rows = borrowed[2:4]  # a contiguous, aligned piece of it
+        fresh = borrowed * 2
+        head, body = wire.encode({"same": borrowed, "rows": rows, "fresh": fresh}, shm=replies, peer=requests)
+        assert not body and replies.written == fresh.nbytes  # only the new tensor was copied
+        dec = wire._Decoder(0, replies, False, own=requests)
+        got = msgpack.unpackb(head[wire.PREFIX.size :], ext_hook=dec.ext_hook, raw=False)
+        assert (
+            torch.equal(got["same"], x)
+            and torch.equal(got["rows"], x[2:4])
+            and torch.equal(got["fresh"], x * 2)
+        )
+        whole = requests.view(0, requests.size)
+        assert not any(np.shares_memory(t.numpy(), whole) for t in got.values())  # copies, never views
+        with pytest.raises(ProtocolError, match="does not write"):
+            decode(head, replies, borrow=True)  # a server has no region of its own to resolve them in
+        forged = msgpack.ExtType(wire.EXT_SHM_RETURN, shm_ext(8 * MiB, 4096, (1024,)).data)
+        dec = wire._Decoder(0, replies, False, own=requests)
+        with pytest.raises(ProtocolError, match="outside"):
+            msgpack.unpackb(frame({"x": forged})[wire.PREFIX.size :], ext_hook=dec.ext_hook, raw=False)
+    finally:
+        requests.close()
+        replies.close()
 
 
 # -- through a real server ---------------------------------------------------------------------
@@ -374,6 +408,42 @@ def test_requests_in_shared_memory_merge_with_each_other(identity, private_dir):
     assert (stats["requests"], stats["batches"]) == (3, 2)  # the two queued ones ran as one batch
 
 
+def test_outputs_that_are_inputs_are_handed_back_without_a_copy(identity):
+    spec = ModelSpec("pytorch_state_dict", None, userclass.describe(HandsBack)).to_wire()
+    with identity.channel() as ch:
+        ch.request({"op": "load", "key": "hands-back", "spec": spec})
+    with attached_channel(identity.path) as ch:
+        before = reply_bytes(identity.path)
+        x = torch.randn(64, 4096)  # 1 MiB
+        assert torch.equal(ch.request({"op": "infer", "key": "id", "inputs": x})["outputs"], x)
+        assert reply_bytes(identity.path) == before  # Identity: nothing copied into the reply region
+        out = ch.request({"op": "infer", "key": "hands-back", "inputs": x})["outputs"]
+        assert reply_bytes(identity.path) == before + x.nbytes  # only the new tensor was
+        assert torch.equal(out["same"], x * 0.5) and torch.equal(out["halved"], x * 0.5)  # changed in place
+        assert torch.equal(out["rows"], x[1:3] * 0.5) and torch.equal(out["twice"], x * 2)
+
+
+def reply_bytes(path: str) -> int:
+    with Channel(path, shm_bytes=0) as ch:
+        return int(ch.request({"op": "status"})["status"]["shm_reply_bytes"])
+
+
+def test_region_size_default_environment_and_argument(identity, monkeypatch):
+    monkeypatch.delenv(config.SHM_BYTES_ENV, raising=False)
+    assert config.shm_bytes() == config.DEFAULT_SHM_BYTES == 1 << 30
+    with Channel(identity.path) as ch:  # the default: 1 GiB, the server's frame limit too
+        assert ch.shm is not None and ch.shm.size == 1 << 30
+    monkeypatch.setenv(config.SHM_BYTES_ENV, "8MiB")
+    with Channel(identity.path) as ch:
+        assert ch.shm is not None and ch.shm.size == 8 * MiB
+    with Channel(identity.path, shm_bytes=2 * MiB) as ch:
+        assert ch.shm is not None and ch.shm.size == 2 * MiB
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv(config.SHM_BYTES_ENV, bad)
+        with pytest.raises(ValueError, match=config.SHM_BYTES_ENV):
+            config.shm_bytes()
+
+
 def test_without_shared_memory_everything_still_works(identity, monkeypatch):
     monkeypatch.setenv("BEAMLET_SHM_BYTES", "0")
     with Channel(identity.path) as ch:
@@ -398,7 +468,13 @@ def assert_identity_serves(path: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["offset past the end", "offset + nbytes overflowing u64", "negative offset", "nbytes not dtype * shape"],
+    [
+        "offset past the end",
+        "offset + nbytes overflowing u64",
+        "negative offset",
+        "nbytes not dtype * shape",
+        "handed back to the server",
+    ],
 )
 def test_forged_descriptor_closes_only_its_connection(identity, case):
     bystander = attached_channel(identity.path)
@@ -575,19 +651,24 @@ def test_killed_server_leaves_no_shared_memory_behind(sock_path, private_dir):
 
 
 def test_server_rss_stays_flat_over_10000_requests(identity):
+    """1 MiB requests, half to ReLU (a new output: request region borrowed, reply region
+    written, copied out) and half to Identity (the input handed back)."""
+    relu = ModelSpec("pytorch_state_dict", None, {"name": "torch.nn:ReLU", "source": None}).to_wire()
     proc = psutil.Process(identity.proc.pid)
     x = torch.randn(MiB // 4)  # 1 MiB
-    message = {"op": "infer", "key": "id", "inputs": x}
+    messages = [{"op": "infer", "key": key, "inputs": x} for key in ("relu", "id")]
     with identity.channel() as ch:
-        for _ in range(500):
-            ch.request(message)
+        ch.request({"op": "load", "key": "relu", "spec": relu})
+        for i in range(500):
+            ch.request(messages[i % 2])
         start = proc.memory_info().rss
         samples = []
         for i in range(10_000):
-            out = ch.request(message)["outputs"]
+            out = ch.request(messages[i % 2])["outputs"]
             if i % 1000 == 999:
                 samples.append(proc.memory_info().rss)
         assert torch.equal(out, x)
+        assert torch.equal(ch.request(messages[0])["outputs"], x.relu())
     growth = max(samples) - start
     print(
         f"\nserver RSS over 10,000 x 1 MiB through shm: {start / MiB:.1f} MiB -> "
