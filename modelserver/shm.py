@@ -60,7 +60,10 @@ import numpy as np
 from modelserver.errors import BadRequest, ProtocolError
 
 ALIGN = 64
-THRESHOLD = 64 << 10  # arrays of at least this many bytes go through shared memory
+# Arrays of at least this many bytes go through shared memory. Measured (1-array Identity
+# round trips, 2 vCPUs): no difference from the socket at 8-32 KiB, ahead from 64 KiB on
+# (256 KiB: 365 against 555 us; 1 MiB: 0.45 against 2.0 ms).
+THRESHOLD = 64 << 10
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 TRIM_SECONDS = 30.0
@@ -143,7 +146,10 @@ class Region:
                 raise BadRequest(
                     f"the shared-memory region holds {st.st_size} bytes, not the {size} announced"
                 )
-            return cls(fd, size, writable=writable)
+            try:
+                return cls(fd, size, writable=writable)
+            except (OSError, ValueError) as exc:  # a write seal, a read-only descriptor
+                raise BadRequest(f"cannot map the shared-memory region: {exc}") from None
         finally:
             os.close(fd)
 

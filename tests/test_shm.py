@@ -202,6 +202,11 @@ def test_adopt_refuses_what_is_not_a_sealed_memfd_of_the_announced_size(private_
     os.close(w)
     with pytest.raises(BadRequest):
         shm.Region.adopt(r, MiB, limit=MiB, writable=True)
+    write_sealed = os.memfd_create("beamlet-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(write_sealed, MiB)
+    fcntl.fcntl(write_sealed, fcntl.F_ADD_SEALS, shm.SEALS | fcntl.F_SEAL_WRITE)
+    with pytest.raises(BadRequest, match="cannot map"):
+        shm.Region.adopt(write_sealed, MiB, limit=MiB, writable=True)
     for announced, limit in ((2 * MiB, 4 * MiB), (MiB, MiB // 2), (0, MiB)):
         region = shm.Region.create("beamlet-test", MiB)
         with pytest.raises(BadRequest):
