@@ -106,7 +106,7 @@ def run_server(models, trace, policy: str, budget: int, directory: str) -> dict[
         deadline = time.monotonic() + 60
         while True:
             try:
-                Channel(sock).close()
+                Channel(sock, shm_bytes=0).close()
                 break
             except ServerUnavailable:
                 if time.monotonic() > deadline or proc.poll() is not None:

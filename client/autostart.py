@@ -50,7 +50,7 @@ FROM_ENV: Any = object()  # "take the idle timeout from BEAMLET_SERVER_IDLE_TIME
 def server_alive(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when a server at ``path`` answers a hello within ``timeout`` seconds."""
     try:
-        Channel(path, connect_timeout=timeout, request_timeout=timeout).close()
+        Channel(path, connect_timeout=timeout, request_timeout=timeout, shm_bytes=0).close()
         return True
     except ServerUnavailable:
         return False

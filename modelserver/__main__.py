@@ -221,7 +221,7 @@ def _status(args: argparse.Namespace) -> int:
 
     path = config.socket_path(args.socket)
     try:
-        with Channel(path) as channel:
+        with Channel(path, shm_bytes=0) as channel:
             status = channel.request({"op": "status"})["status"]
     except ServerUnavailable as exc:
         print(f"modelserver: no server at {path}: {exc}", file=sys.stderr)
@@ -239,7 +239,7 @@ def _stop(args: argparse.Namespace) -> int:
 
     path = config.socket_path(args.socket)
     try:
-        with Channel(path) as channel:
+        with Channel(path, shm_bytes=0) as channel:
             pid = channel.server_pid
             channel.request({"op": "shutdown"})
     except ServerUnavailable as exc:

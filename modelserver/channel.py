@@ -19,17 +19,36 @@ a request (a long forward, a slow load) it sends a heartbeat frame every few sec
 which the channel skips. A stopped (SIGSTOP) or wedged server process sends none, and so
 costs a caller ``request_timeout`` seconds, never forever. Connecting is bounded
 by ``connect_timeout`` and the hello by ``request_timeout``.
+
+Big arrays go through shared memory (``modelserver.shm``): after hello the channel
+attaches a request region of ``shm_bytes`` (default 1 GiB of virtual size, or
+$BEAMLET_SHM_BYTES; at most the server's frame limit; 0 for none) and receives the
+server's reply region. Arrays of at least ``shm.THRESHOLD`` bytes are then copied into
+the request region and only their descriptors travel; reply arrays are copied out of
+the reply region (or, for an input the server hands back, out of the request region)
+while the reply is decoded, so nothing the caller gets refers to shared memory.
+A server that refuses (an older one) leaves the channel on the socket path.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 from typing import Any
 
-from modelserver import config, wire
-from modelserver.errors import BeamletError, FrameTooLarge, ProtocolError, ServerUnavailable, from_wire
+from modelserver import config, shm, wire
+from modelserver.errors import (
+    BadRequest,
+    BeamletError,
+    FrameTooLarge,
+    ProtocolError,
+    ServerUnavailable,
+    from_wire,
+)
+
+log = logging.getLogger("beamlet.channel")
 
 REPLY_MAX_BODY = 1 << 40  # replies come from our own server; requests are what is bounded
 
@@ -37,9 +56,18 @@ REPLY_MAX_BODY = 1 << 40  # replies come from our own server; requests are what 
 class Channel:
     """One connection to a model server. Not thread-safe: one user at a time."""
 
-    def __init__(self, path: str, *, connect_timeout: float = 5.0, request_timeout: float | None = None):
-        """Connect to the server at ``path`` and say hello. ``request_timeout``: the
-        default silence limit of this channel's requests (None: ``config.request_timeout``)."""
+    def __init__(
+        self,
+        path: str,
+        *,
+        connect_timeout: float = 5.0,
+        request_timeout: float | None = None,
+        shm_bytes: int | None = None,
+    ):
+        """Connect to the server at ``path``, say hello and attach shared memory.
+        ``request_timeout``: the default silence limit of this channel's requests (None:
+        ``config.request_timeout``). ``shm_bytes``: the size of each shared-memory region
+        (None: ``config.shm_bytes``; 0: none)."""
         self.path = path
         self.request_timeout = config.request_timeout(request_timeout)
         self._pid = os.getpid()
@@ -48,6 +76,7 @@ class Channel:
         self._frames = wire.FrameReader(self.sock, REPLY_MAX_BODY)
         self.dead = False
         self.max_frame_bytes: int | None = None
+        self.shm: shm.Region | None = None  # our request region, once attached
         try:
             self.sock.settimeout(connect_timeout)
             self.sock.connect(path)
@@ -55,13 +84,68 @@ class Channel:
             if uid != os.geteuid():
                 raise ServerUnavailable(f"the server at {path} runs as uid {uid}, not as us; refusing it")
             info = self.request({"op": "hello", "version": wire.VERSION, "pid": os.getpid()})
+            self.server_pid: int = info["server_pid"]
+            self.max_frame_bytes = int(info["max_frame_bytes"])
+            size = min(config.shm_bytes(shm_bytes), self.max_frame_bytes)
+            if size > 0:
+                self._attach_shm(size)
         except (OSError, BeamletError) as exc:
             self.close()
             if isinstance(exc, ServerUnavailable):
                 raise
             raise ServerUnavailable(f"cannot connect to {path}: {exc}") from None
-        self.server_pid: int = info["server_pid"]
-        self.max_frame_bytes = int(info["max_frame_bytes"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach_shm(self, size: int) -> None:
+        """Send our request region, map the server's reply region. A server that says no
+        (BadRequest: an older server, or one that will not share) leaves the channel on
+        the socket path; so does a system without memfd."""
+        try:
+            requests = shm.Region.create(shm.REQUEST_NAME.format(pid=os.getpid()), size)
+        except OSError as exc:
+            log.info("no shared memory for %s (%s); arrays go through the socket", self.path, exc)
+            return
+        try:
+            replies = self._exchange_regions(requests)
+        except BaseException:
+            requests.close()
+            raise
+        if replies is None:
+            requests.close()
+            return
+        self.shm = requests
+        self._frames.shm, self._frames.borrow, self._frames.own = replies, False, requests
+
+    def _exchange_regions(self, requests: shm.Region) -> shm.Region | None:
+        """The shm_attach exchange: our descriptor out, the server's in (None: refused)."""
+        message = {"op": "shm_attach", "request_bytes": requests.size, "reply_bytes": requests.size}
+        fd = requests.take_fd()
+        self._frames.accept_fds = True
+        reply: dict[str, Any] | None = None
+        try:
+            reply = self._exchange(message, fds=[fd])
+        except BadRequest as exc:
+            log.info("the server at %s shares no memory (%s); arrays go through the socket", self.path, exc)
+        finally:
+            os.close(fd)
+            self._frames.accept_fds = False
+            received = self._frames.take_fds()
+            if reply is None or len(received) != 1:
+                for extra in received:
+                    os.close(extra)
+        if reply is None:
+            return None
+        size = reply.get("reply_bytes")
+        if len(received) != 1 or not isinstance(size, int):
+            raise ProtocolError(
+                f"the shm_attach reply carries {len(received)} file descriptors and size {size!r}"
+            )
+        try:
+            return shm.Region.adopt(received[0], size, limit=REPLY_MAX_BODY, writable=False)
+        except BadRequest as exc:
+            raise ProtocolError(f"the server's reply region: {exc}") from None
 
     def request(self, message: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply; raises the reply's typed error.
@@ -88,7 +172,13 @@ class Channel:
             raise ServerUnavailable(f"this connection to {self.path} belongs to process {self._pid}")
         silence = self.request_timeout if timeout is None else timeout
         ids = [next(self._ids) for _ in messages]
-        frames = [wire.encode({**m, "id": rid}) for m, rid in zip(messages, ids)]
+        region = self.shm
+        if region is not None:
+            region.rewind()  # every reply to the last call is in: the server holds no view of it
+        frames = [
+            wire.encode({**m, "id": rid}, shm=region, flags=wire.FLAG_REWIND if i == 0 and region else 0)
+            for i, (m, rid) in enumerate(zip(messages, ids))
+        ]
         for _head, buffers in frames:
             body = sum(b.nbytes for b in buffers)
             if self.max_frame_bytes is not None and body > self.max_frame_bytes:
@@ -96,10 +186,30 @@ class Channel:
                     f"request body of {body} bytes is over the server's {self.max_frame_bytes}-byte "
                     "frame limit (python -m modelserver serve --max-frame-bytes)"
                 )
+        return self._collect(frames, ids, silence)
+
+    def _exchange(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """One request whose frame carries ``fds``; raises the reply's typed error."""
+        rid = next(self._ids)
+        frame = wire.encode({**message, "id": rid})
+        reply = self._collect([frame], [rid], self.request_timeout, fds)[0]
+        if isinstance(reply, BeamletError):
+            raise reply
+        return reply
+
+    def _collect(
+        self,
+        frames: list[tuple[bytes, list[memoryview]]],
+        ids: list[int],
+        silence: float,
+        fds: list[int] | None = None,
+    ) -> list[dict[str, Any] | BeamletError]:
+        """Send ``frames`` (the first carrying ``fds``) and gather every reply."""
         try:
             self.sock.settimeout(silence)
             for head, buffers in frames:
-                wire.sendmsg_all(self.sock, [memoryview(head), *buffers])
+                wire.sendmsg_all(self.sock, [memoryview(head), *buffers], fds=fds)
+                fds = None
             replies: dict[int, dict[str, Any] | BeamletError] = {}
             while len(replies) < len(ids):
                 reply = self._frames.read()
@@ -139,6 +249,12 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+        self._frames.close_fds()
+        requests, self.shm, self._frames.own = self.shm, None, None
+        replies, self._frames.shm = self._frames.shm, None
+        for region in (requests, replies):
+            if region is not None:
+                region.close()
 
     def __enter__(self) -> Channel:
         return self

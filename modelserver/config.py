@@ -15,6 +15,10 @@ SOCKET_ENV = "BEAMLET_SOCKET"
 SOCKET_NAME = "modelserver.sock"
 REQUEST_TIMEOUT_ENV = "BEAMLET_REQUEST_TIMEOUT"
 DEFAULT_REQUEST_TIMEOUT = 30.0
+# Virtual size of each shared-memory region of a client connection (modelserver.shm);
+# pages cost memory only once written. 0 turns shared memory off.
+SHM_BYTES_ENV = "BEAMLET_SHM_BYTES"
+DEFAULT_SHM_BYTES = 1 << 30
 # The deterministic mode (``--deterministic``): the model server merges no requests of
 # different callers and uses torch's deterministic algorithms; RunInference fixes its batch
 # sizes. A run sets it for every process it starts.
@@ -114,6 +118,25 @@ def request_timeout(explicit: float | None = None) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"{source} must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def shm_bytes(explicit: int | None = None) -> int:
+    """The virtual size of a client connection's shared-memory regions, in bytes:
+    ``explicit``, else $BEAMLET_SHM_BYTES (a size: 256MiB), else 1 GiB; 0 is none (arrays
+    then travel through the socket). The server caps it at its ``--max-frame-bytes``."""
+    if explicit is not None:
+        value: int = explicit
+    else:
+        text = os.environ.get(SHM_BYTES_ENV, "").strip()
+        try:
+            value = parse_size(text) if text else DEFAULT_SHM_BYTES
+        except ValueError:
+            raise ValueError(
+                f"{SHM_BYTES_ENV} must be a size (256MiB, 1GiB, 0 for none), not {text!r}"
+            ) from None
+    if value < 0:
+        raise ValueError(f"a shared-memory size cannot be negative: {value}")
+    return value
 
 
 def ensure_private_dir(path: str) -> None:

@@ -21,11 +21,20 @@ heartbeat frame (``{"id": None, "ok": True, "heartbeat": True}``) whenever it ha
 nothing for ``HEARTBEAT_INTERVAL`` seconds (``heartbeat``, called from the server's accept
 loop): a long forward or a slow load keeps the client's silence deadline from expiring,
 while a stopped or wedged server process sends nothing and is caught by it.
+
+Shared memory (``modelserver.shm``): right after ``hello`` a client may send
+``shm_attach`` with its request region's descriptor; the connection then borrows request
+arrays as views of that region and writes big reply arrays into a reply region of its
+own, whose descriptor goes back with the reply (a reply array that lies in the request
+region, an input handed back, is named by its place there instead). The reply region is rewound when a frame
+flagged ``FLAG_REWIND`` arrives while nothing is in flight. Both are unmapped when the
+reader thread ends (a view still lent to a batch keeps its mapping until it goes).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import threading
@@ -34,8 +43,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from modelserver import wire
-from modelserver.errors import BeamletError, ProtocolError
+from modelserver import shm, wire
+from modelserver.errors import BadRequest, BeamletError, ProtocolError
 
 log = logging.getLogger("beamlet.connection")
 
@@ -69,6 +78,8 @@ class Connection:
         self.max_body = max_body
         self.max_backlog = max_backlog
         self._frames = wire.FrameReader(sock, max_body)
+        self._frames.accept_fds = True  # until the first request after hello (shm_attach)
+        self._reply_shm: shm.Region | None = None
         self._dispatch = dispatch
         self._on_close = on_close
         self._send_lock = threading.Lock()
@@ -94,6 +105,12 @@ class Connection:
         return self._closed.is_set()
 
     @property
+    def shm_bytes(self) -> int | None:
+        """Bytes of the reply region written and held, or None without shared memory."""
+        region = self._reply_shm
+        return None if region is None else region.written
+
+    @property
     def backlog_bytes(self) -> int:
         """Reply bytes waiting for this client to read them."""
         with self._send_lock:
@@ -104,7 +121,7 @@ class Connection:
         if self._closed.is_set():
             return
         try:
-            head, buffers = wire.encode(message)
+            head, buffers = wire.encode(message, shm=self._reply_shm, peer=self._frames.shm)
         except (TypeError, BeamletError) as exc:
             rid = message.get("id") if isinstance(message, dict) else None
             head, buffers = wire.encode(
@@ -131,6 +148,73 @@ class Connection:
                     self._start_writer()
                 return
         self._fail(failure)  # after the lock: it logs
+
+    def attach_shm(self, rid: int, request_bytes: int, reply_bytes: int, limit: int) -> None:
+        """Answer ``shm_attach``: map the client's request region (the descriptor its frame
+        carried) and reply with a reply region of our own (at most ``limit`` bytes, as the
+        request region). BadRequest, and nothing shared, when the request comes too late
+        (after another request, or with others in flight), twice, or with anything but one
+        sealed memfd of ``request_bytes`` (at most ``limit``)."""
+        fds = self._frames.take_fds()
+        self._frames.accept_fds = False
+        try:
+            if self._frames.shm is not None:
+                raise BadRequest("this connection already shares memory")
+            with self._send_lock:
+                busy = self._inflight > 1
+            if busy:
+                raise BadRequest("shm_attach must come with no other request in flight")
+            if len(fds) != 1:
+                raise BadRequest(f"shm_attach must carry one file descriptor, not {len(fds)} (SCM_RIGHTS)")
+            if reply_bytes <= 0:
+                raise BadRequest(f"shm_attach asks for a reply region of {reply_bytes} bytes")
+            requests = shm.Region.adopt(fds.pop(), request_bytes, limit=limit, writable=True)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            replies = shm.Region.create(shm.REPLY_NAME.format(pid=self.peer_pid), min(reply_bytes, limit))
+        except BaseException:
+            requests.close()
+            raise
+        self._frames.shm, self._frames.borrow = requests, True
+        self._reply_shm = replies
+        head, buffers = wire.encode({"id": rid, "ok": True, "reply_bytes": replies.size})
+        fd = replies.take_fd()
+        failure = None
+        try:
+            with self._send_lock:
+                self._inflight -= 1
+                self._last_sent = time.monotonic()
+                # Blocking, under the lock: nothing else is in flight, and the frame is tiny.
+                wire.sendmsg_all(self.sock, [memoryview(head), *buffers], fds=[fd])
+        except OSError as exc:
+            failure = f"send failed: {exc}"
+        finally:
+            os.close(fd)
+        if failure:
+            self._fail(failure)
+
+    def _rewind_replies(self) -> None:
+        """A frame flagged FLAG_REWIND: with nothing in flight the client has read every
+        earlier reply, so the reply region may be reused from the start."""
+        region = self._reply_shm
+        if region is None:
+            return
+        with self._send_lock:
+            idle = self._inflight == 0
+        if idle:
+            region.rewind()
+
+    def _release_shm(self) -> None:
+        """The reader is done: unmap both regions (a view still lent out keeps its mapping
+        until it goes) and close descriptors nobody claimed."""
+        self._frames.close_fds()
+        requests, self._frames.shm = self._frames.shm, None
+        replies, self._reply_shm = self._reply_shm, None
+        for region in (requests, replies):
+            if region is not None:
+                region.close()
 
     def heartbeat(self, now: float, interval: float = HEARTBEAT_INTERVAL) -> bool:
         """Send a heartbeat if requests are in flight and nothing was sent for ``interval``
@@ -241,11 +325,17 @@ class Connection:
                     return
                 if message is None:
                     return
+                if self._frames.accept_fds and _op(message) not in ("hello", "shm_attach"):
+                    self._frames.accept_fds = False
+                    self._frames.close_fds()
+                if self._frames.flags & wire.FLAG_REWIND:
+                    self._rewind_replies()
                 with self._send_lock:
                     self._inflight += 1
                 self._dispatch(self, message)
         finally:
             self.close()
+            self._release_shm()
             self._on_close(self)
 
     def _send_final_error(self, exc: BeamletError) -> None:
@@ -266,3 +356,7 @@ class Connection:
             pass
         self._drop_backlog()
         log.warning("dropping connection from pid %d: %s", self.peer_pid, why)
+
+
+def _op(message: Any) -> Any:
+    return message.get("op") if isinstance(message, dict) else None

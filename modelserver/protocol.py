@@ -11,6 +11,9 @@ nothing for 5 s (``connection.HEARTBEAT_INTERVAL``); clients skip it.
 
     op        request fields                        reply fields (ok)
     hello     version, pid                          version, server_pid, max_frame_bytes
+    shm_attach request_bytes, reply_bytes, with     reply_bytes, with the server's reply
+              the client's request region's memfd   region's memfd (SCM_RIGHTS); only
+              (SCM_RIGHTS); see modelserver.shm     right after hello, once
     load      key, spec (a ModelSpec as a map),     model_id, device, nbytes, footprint,
               replace (bool, default true: a key    methods (the public methods a request
               serving another spec swaps to this    may name), spec (the spec the key
@@ -28,7 +31,9 @@ public), bad_input (arguments the method's signature does not take), model_error
 model raised; its traceback in the message), overloaded (the model's queue is full:
 retry after ``retry_after`` seconds), out_of_memory, internal. Of a ``load``:
 load_failed, out_of_memory. Of any request: bad_request (unknown op, missing or mistyped
-field).
+field); of ``shm_attach``: bad_request (no or a bad descriptor, a size out of bounds,
+already attached, other requests in flight: the client carries on without shared
+memory).
 
 Operations are dispatched from this table, never by name lookup on an object.
 """
@@ -47,6 +52,17 @@ class Hello:
     id: int
     version: int
     pid: int
+
+
+@dataclass(frozen=True)
+class ShmAttach:
+    """Share memory on this connection: the frame carries the client's request region
+    (``request_bytes``, a sealed memfd); the reply carries the server's reply region of
+    (at most) ``reply_bytes``."""
+
+    id: int
+    request_bytes: int
+    reply_bytes: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,7 @@ class Shutdown:
     id: int
 
 
-Request = Hello | Load | Infer | Status | Shutdown
+Request = Hello | ShmAttach | Load | Infer | Status | Shutdown
 
 
 def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -120,11 +136,13 @@ def parse_request(msg: Any) -> Request:
         return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict), replace, _batching(msg))
     if op == "hello":
         return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))
+    if op == "shm_attach":
+        return ShmAttach(rid, _field(msg, "request_bytes", int), _field(msg, "reply_bytes", int))
     if op == "status":
         return Status(rid)
     if op == "shutdown":
         return Shutdown(rid)
-    raise BadRequest(f"unknown operation {op!r}; allowed: hello, load, infer, status, shutdown")
+    raise BadRequest(f"unknown operation {op!r}; allowed: hello, shm_attach, load, infer, status, shutdown")
 
 
 def request_id(msg: Any) -> int | None:

@@ -281,6 +281,8 @@ class ModelServer:
                         max_frame_bytes=self.max_frame_bytes,
                     )
                 )
+            elif isinstance(request, protocol.ShmAttach):
+                conn.attach_shm(request.id, request.request_bytes, request.reply_bytes, self.max_frame_bytes)
             elif isinstance(request, protocol.Status):
                 conn.send(protocol.ok_reply(request.id, status=self.status()))
             elif isinstance(request, protocol.Shutdown):
@@ -334,6 +336,7 @@ class ModelServer:
         with self._conn_lock:
             conns = list(self._connections)
         clients = sorted({c.peer_pid for c in conns})
+        shm_bytes = [c.shm_bytes for c in conns]
         limits = self.manager.limits
         return {
             "pid": os.getpid(),
@@ -354,6 +357,8 @@ class ModelServer:
             "max_queue_bytes": limits.nbytes,
             "max_reply_backlog": self.max_reply_backlog,
             "reply_backlog_bytes": sum(c.backlog_bytes for c in conns),
+            "shm_connections": sum(1 for shm in shm_bytes if shm is not None),
+            "shm_reply_bytes": sum(shm for shm in shm_bytes if shm is not None),
             "connections": len(conns),
             "client_pids": clients,
             "requests": self._requests,

@@ -9,7 +9,7 @@ Frame layout (integers big-endian)::
     offset  size  field
     0       2     magic b"BL"
     2       1     version (VERSION)
-    3       1     flags (0, reserved)
+    3       1     flags: FLAG_REWIND (0x01) or 0; other bits reserved (sent as 0)
     4       4     H: header length in bytes
     8       8     B: body length in bytes
     16      H     header: one msgpack object (the message)
@@ -27,6 +27,15 @@ Arrays of at most INLINE_MAX bytes travel inside the header instead, as
 ExtType(EXT_INLINE_ARRAY) holding the same descriptor followed by the raw bytes: for a
 one-row request that is cheaper than a separate buffer on both sides.
 
+Arrays of at least the sender's ``shm.Region.threshold`` bytes, on a connection that
+shares memory (``modelserver.shm``), travel as ExtType(EXT_SHM_ARRAY): the same
+descriptor followed by ``offset:u64 nbytes:u64``, the place the sender copied the bytes to
+in its own region; the receiver checks it against that region's bounds and borrows or
+copies the bytes. ExtType(EXT_SHM_RETURN), with the same data, names a place in the
+*receiver's* own region instead: a reply array that is (a piece of) the request's input,
+handed back without a copy; the client copies it out. ``FLAG_REWIND`` on a frame says its sender has read every reply to its
+earlier frames (the server may then reuse its reply region; see shm.py for the rules).
+
 A few plain values that model parameters and inference arguments use travel as
 ExtType(EXT_VALUE) holding a msgpack ``[tag, payload]`` (still data, never pickle):
 
@@ -38,8 +47,9 @@ ExtType(EXT_VALUE) holding a msgpack ``[tag, payload]`` (still data, never pickl
                                                 builds the instance where it is used)
 
 Limits: H <= MAX_HEADER_BYTES; B <= the receiver's ``max_body`` (the server's
-``--max-frame-bytes``); the descriptors must add up to exactly B. A frame that breaks a
-limit raises ``FrameTooLarge`` or ``ProtocolError``; the caller then closes the
+``--max-frame-bytes``); the descriptors must add up to exactly B; the shared-memory ones
+must lie in the region (64-byte aligned) and add up to at most its size. A frame that
+breaks a limit raises ``FrameTooLarge`` or ``ProtocolError``; the caller then closes the
 connection, since the stream position can no longer be trusted.
 
 A clean EOF between frames is ``FrameReader.read() -> None``; an EOF inside a frame is a
@@ -48,7 +58,9 @@ A clean EOF between frames is ``FrameReader.read() -> None``; an EOF inside a fr
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import os
 import socket
 import struct
 import sys
@@ -58,6 +70,7 @@ import msgpack
 import numpy as np
 
 from modelserver.errors import FrameTooLarge, ProtocolError
+from modelserver.shm import Region
 
 MAGIC = b"BL"
 VERSION = 1
@@ -67,7 +80,11 @@ DEFAULT_MAX_BODY = 1 << 30
 EXT_ARRAY = 1
 EXT_INLINE_ARRAY = 2
 EXT_VALUE = 3
+EXT_SHM_ARRAY = 4
+EXT_SHM_RETURN = 5
 INLINE_MAX = 4096
+FLAG_REWIND = 0x01  # the sender has read every reply to its earlier frames (shm.py)
+MAX_FDS = 4  # descriptors a reader keeps waiting for the request that claims them
 _IOV_BATCH = 512
 
 # Wire dtypes, by index. bfloat16 has no numpy dtype: it travels as its raw 16 bits and
@@ -80,6 +97,7 @@ BF16 = DTYPE_NAMES.index("bfloat16")
 _NP_DTYPES = [np.dtype("uint16" if n == "bfloat16" else n) for n in DTYPE_NAMES]
 _NP_CODE = {dt: i for i, dt in enumerate(_NP_DTYPES) if i != BF16}
 _DESC = struct.Struct("<BBB")
+_SHM = struct.Struct("<QQ")  # offset, nbytes
 KIND_NP, KIND_PT = 0, 1
 READ_AHEAD = 64 * 1024
 
@@ -148,14 +166,17 @@ def _plain_value(obj: Any) -> tuple[str, Any] | None:
 
 
 class _Encoder:
-    """Collects the raw buffers of the arrays met while packing one message."""
+    """Collects the raw buffers of the arrays met while packing one message; with a
+    shared-memory region, copies the big ones there instead."""
 
-    __slots__ = ("buffers", "nbytes", "fallback")
+    __slots__ = ("buffers", "nbytes", "fallback", "shm", "peer")
 
-    def __init__(self, fallback: Any = None) -> None:
+    def __init__(self, fallback: Any = None, shm: Region | None = None, peer: Region | None = None) -> None:
         self.buffers: list[memoryview] = []
         self.nbytes = 0
         self.fallback = fallback  # for fingerprints of values that never travel
+        self.shm = shm
+        self.peer = peer
 
     def default(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -196,6 +217,16 @@ class _Encoder:
         desc = _DESC.pack(kind, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
         if arr.nbytes <= INLINE_MAX:
             return msgpack.ExtType(EXT_INLINE_ARRAY, desc + arr.tobytes())
+        if self.peer is not None:
+            place = self.peer.place_of(arr)
+            if place is not None:
+                return msgpack.ExtType(EXT_SHM_RETURN, desc + _SHM.pack(place, arr.nbytes))
+        if self.shm is not None and arr.nbytes >= self.shm.threshold:
+            spot = self.shm.reserve(arr.nbytes)
+            if spot is not None:
+                offset, dst = spot
+                np.copyto(dst.view(arr.dtype).reshape(arr.shape), arr)
+                return msgpack.ExtType(EXT_SHM_ARRAY, desc + _SHM.pack(offset, arr.nbytes))
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
         self.buffers.append(memoryview(arr).cast("B"))  # type: ignore[arg-type]
@@ -219,19 +250,27 @@ class _Encoder:
 
 
 class _Decoder:
-    """Allocates the arrays of one frame as its header is unpacked."""
+    """Allocates the arrays of one frame as its header is unpacked. Arrays in the peer's
+    shared memory are borrowed as views of ``shm`` (``borrow``) or copied out of it;
+    arrays handed back in our ``own`` region are copied out of that."""
 
-    __slots__ = ("views", "nbytes", "limit")
+    __slots__ = ("views", "nbytes", "limit", "shm", "borrow", "own", "shm_nbytes")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, shm: Region | None = None, borrow: bool = False, own: Region | None = None
+    ) -> None:
         self.views: list[memoryview] = []
         self.nbytes = 0
         self.limit = limit
+        self.shm = shm
+        self.borrow = borrow
+        self.own = own
+        self.shm_nbytes = {EXT_SHM_ARRAY: 0, EXT_SHM_RETURN: 0}
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         if code == EXT_VALUE:
             return self._value(data)
-        if code not in (EXT_ARRAY, EXT_INLINE_ARRAY) or len(data) < 3:
+        if code not in (EXT_ARRAY, EXT_INLINE_ARRAY, EXT_SHM_ARRAY, EXT_SHM_RETURN) or len(data) < 3:
             raise ProtocolError(f"unknown or malformed msgpack extension (type {code})")
         kind, dtype_code, ndim = _DESC.unpack_from(data)
         end = 3 + 8 * ndim
@@ -248,11 +287,9 @@ class _Decoder:
         if code == EXT_INLINE_ARRAY:
             if len(data) - end != nbytes:
                 raise ProtocolError(f"inline array holds {len(data) - end} bytes, its shape needs {nbytes}")
-            arr = np.frombuffer(data, np_dtype, count, end).reshape(shape).copy()
-            if kind == KIND_NP:
-                return arr
-            t = _torch_module().from_numpy(arr)
-            return t.view(_PT_DTYPES[BF16]) if dtype_code == BF16 else t
+            return _wrap(kind, dtype_code, np.frombuffer(data, np_dtype, count, end).reshape(shape).copy())
+        if code in (EXT_SHM_ARRAY, EXT_SHM_RETURN):
+            return _wrap(kind, dtype_code, self._shm_array(code, data, end, nbytes, np_dtype, shape))
         if len(data) != end:
             raise ProtocolError("malformed array descriptor")
         self.nbytes += nbytes
@@ -269,6 +306,31 @@ class _Decoder:
             holder = t.view(torch.uint16) if dtype_code == BF16 else t
             self.views.append(memoryview(holder.numpy()).cast("B"))
         return t
+
+    def _shm_array(
+        self, code: int, data: bytes, end: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> Any:
+        if len(data) != end + _SHM.size:
+            raise ProtocolError("malformed shared-memory array descriptor")
+        offset, size = _SHM.unpack_from(data, end)
+        if size != nbytes:
+            raise ProtocolError(f"shared-memory array says {size} bytes, its dtype and shape need {nbytes}")
+        region = self.shm if code == EXT_SHM_ARRAY else self.own
+        if region is None:
+            raise ProtocolError(
+                "a shared-memory array on a connection without shared memory (shm_attach)"
+                if code == EXT_SHM_ARRAY
+                else "an array handed back in shared memory this side does not write"
+            )
+        self.shm_nbytes[code] += nbytes
+        if self.shm_nbytes[code] > region.size:
+            raise ProtocolError(f"shared-memory arrays add up to more than the {region.size}-byte region")
+        src = region.view(offset, nbytes).view(dtype).reshape(shape)
+        if self.borrow and code == EXT_SHM_ARRAY:
+            return src
+        arr = np.empty(shape, dtype)  # numpy's allocator asks for huge pages: fewer faults
+        np.copyto(arr, src)
+        return arr
 
     def _value(self, data: bytes) -> Any:
         try:
@@ -297,6 +359,14 @@ class _Decoder:
         raise ProtocolError(f"malformed value extension {tag!r:.40}")
 
 
+def _wrap(kind: int, dtype_code: int, arr: np.ndarray) -> Any:
+    """A decoded array as its kind says: the numpy array, or a torch tensor on its memory."""
+    if kind == KIND_NP:
+        return arr
+    t = _torch_module().from_numpy(arr)
+    return t.view(_PT_DTYPES[BF16]) if dtype_code == BF16 else t
+
+
 def fingerprint(value: Any, fallback: Any = None) -> str:
     """A stable hash of a value as the wire would carry it (arrays by their bytes).
     ``fallback(obj)`` stands in for what the wire cannot carry (for a model that stays
@@ -311,13 +381,17 @@ def fingerprint(value: Any, fallback: Any = None) -> str:
     return h.hexdigest()
 
 
-def encode(message: Any) -> tuple[bytes, list[memoryview]]:
-    """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables."""
-    enc = _Encoder()
+def encode(
+    message: Any, *, shm: Region | None = None, peer: Region | None = None, flags: int = 0
+) -> tuple[bytes, list[memoryview]]:
+    """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables.
+    ``shm``: the sender's own shared-memory region, for arrays of at least its threshold;
+    ``peer``: the receiver's, for arrays that already lie in it (handed back by place)."""
+    enc = _Encoder(shm=shm, peer=peer)
     header = msgpack.packb(message, default=enc.default, use_bin_type=True, strict_types=True)
     if len(header) > MAX_HEADER_BYTES:
         raise FrameTooLarge(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    prefix = PREFIX.pack(MAGIC, VERSION, 0, len(header), enc.nbytes)
+    prefix = PREFIX.pack(MAGIC, VERSION, flags, len(header), enc.nbytes)
     return prefix + header, enc.buffers
 
 
@@ -331,12 +405,22 @@ def send_frame(sock: socket.socket, message: Any, max_body: int | None = None) -
     return len(head) + body
 
 
-def sendmsg_all(sock: socket.socket, parts: list[memoryview], flags: int = 0) -> None:
-    """Write every byte of ``parts`` with scatter-gather sends (no concatenation copy)."""
+def sendmsg_all(
+    sock: socket.socket, parts: list[memoryview], flags: int = 0, fds: list[int] | None = None
+) -> None:
+    """Write every byte of ``parts`` with scatter-gather sends (no concatenation copy).
+    ``fds`` travel (SCM_RIGHTS) with the first bytes."""
     parts = [p for p in parts if p.nbytes]
+    ancillary = [fds_message(fds)] if fds else []
     while parts:
-        sent = sock.sendmsg(parts[:_IOV_BATCH], [], flags)
+        sent = sock.sendmsg(parts[:_IOV_BATCH], ancillary, flags)
+        ancillary = []
         parts = advance(parts, sent)
+
+
+def fds_message(fds: list[int]) -> tuple[int, int, bytes]:
+    """The ancillary item that passes ``fds`` over a Unix socket."""
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
 
 
 def advance(parts: list[memoryview], sent: int) -> list[memoryview]:
@@ -364,21 +448,43 @@ class FrameReader:
     Keeps a small look-ahead buffer so that a small frame (prefix, header and body) costs
     one ``recv``; array bytes beyond what the buffer already holds go straight from the
     socket into the arrays' own memory.
+
+    ``shm``: the peer's shared-memory region, once attached; its arrays are borrowed as
+    views (``borrow``) or copied out. ``own``: our own region, for arrays the peer hands
+    back in it (copied out). ``flags``: the flags byte of the last frame read.
+    While ``accept_fds`` is set, descriptors that arrive (SCM_RIGHTS) are kept for
+    ``take_fds`` (at most ``MAX_FDS``; more is a ProtocolError); otherwise the kernel drops
+    them.
     """
 
     def __init__(self, sock: socket.socket, max_body: int = DEFAULT_MAX_BODY):
         self.sock = sock
         self.max_body = max_body
+        self.shm: Region | None = None
+        self.borrow = False
+        self.own: Region | None = None
+        self.flags = 0
+        self.accept_fds = False
+        self._fds: list[int] = []
         self._buf = bytearray(READ_AHEAD)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
 
+    def take_fds(self) -> list[int]:
+        """The descriptors received so far; the caller owns (and closes) them now."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+
     def read(self) -> Any | None:
         """The next message, or None on a clean EOF between frames."""
         if not self._fill(PREFIX.size, at_boundary=True):
             return None
-        magic, version, _flags, header_len, body_len = PREFIX.unpack_from(self._buf, self._start)
+        magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._buf, self._start)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a beamlet peer?)")
         if version != VERSION:
@@ -390,8 +496,9 @@ class FrameReader:
         if body_len > self.max_body:
             raise FrameTooLarge(f"frame body of {body_len} bytes is over the {self.max_body}-byte limit")
         self._start += PREFIX.size
+        self.flags = flags
         header = self._take(header_len)
-        dec = _Decoder(body_len)
+        dec = _Decoder(body_len, self.shm, self.borrow, self.own)
         try:
             message = msgpack.unpackb(header, ext_hook=dec.ext_hook, raw=False)
         except ProtocolError:
@@ -455,9 +562,23 @@ class FrameReader:
     def _recv(self, view: memoryview, *, idle: bool) -> int:
         while True:
             try:
+                if self.accept_fds:
+                    return self._recv_with_fds(view)
                 return self.sock.recv_into(view)
             except BlockingIOError:
                 # SO_RCVTIMEO expired: fine while idle between frames, fatal inside one.
                 if idle:
                     continue
                 raise ProtocolError("peer stalled inside a frame") from None
+
+    def _recv_with_fds(self, view: memoryview) -> int:
+        n, ancillary, msg_flags, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if len(self._fds) > MAX_FDS or msg_flags & socket.MSG_CTRUNC:
+            self.close_fds()
+            raise ProtocolError(f"more than {MAX_FDS} file descriptors sent")
+        return n

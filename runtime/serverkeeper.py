@@ -116,7 +116,7 @@ class ServerKeeper:
         # replacement first after a crash): stop whoever answers, and wait for that pid.
         server_pid = None
         try:
-            with Channel(self.path, connect_timeout=2.0) as ch:
+            with Channel(self.path, connect_timeout=2.0, shm_bytes=0) as ch:
                 server_pid = ch.server_pid
                 ch.request({"op": "shutdown"})
         except (ServerUnavailable, BeamletError, OSError):

@@ -139,3 +139,13 @@ class LayerConfig:
 
 class PlainDict(dict):
     """A dict subclass torch.load(weights_only=True) refuses to unpickle."""
+
+
+class HandsBack(nn.Module):
+    """Returns its input, a slice of it, the input changed in place, and a new tensor: the
+    outputs that alias the request's memory and one that does not."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = x[1:3]
+        twice = x * 2
+        return {"same": x, "rows": rows, "twice": twice, "halved": x.mul_(0.5)}
