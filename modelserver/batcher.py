@@ -18,8 +18,10 @@ threads is computed in large batches. ``max_batch_duration_secs=0`` turns mergin
 
 Forwards run only on the model's batcher thread, never on a connection's reader: the
 threads that compute (and the OpenMP teams torch starts for them) are one per loaded
-model, however many clients connect. ``busy`` tells the manager whether the model is in
-use.
+model, however many clients connect. A request that finds the model idle holds its
+connection's reader until its forward is done, as if the reader ran it: a lone client's
+pipelined requests then go one at a time instead of filling the queue. ``busy`` tells
+the manager whether the model is in use.
 
 Bounded: the queue holds at most ``QueueLimits.rows`` rows and ``QueueLimits.nbytes``
 bytes of inputs (a request that finds the queue empty is always taken, whatever its
@@ -107,6 +109,7 @@ class Work:
     nbytes: int = field(default=0, init=False)
     model_id: str = field(default="", init=False)
     reloads: int = field(default=0, init=False)  # times it waited for its model to load
+    done: threading.Event | None = field(default=None, init=False)  # set once its batch ended, if asked
 
     def __post_init__(self) -> None:
         self.signature = _signature(self)
@@ -119,6 +122,7 @@ class Work:
             self.reply(outputs, error)
         except Exception:
             log.debug("could not deliver a reply", exc_info=True)
+
 
 
 @dataclass
@@ -236,18 +240,24 @@ class Batcher:
 
     def submit(self, work: Work) -> None:
         """Queue a request for the batcher thread, or refuse it with Overloaded when the
-        queue is full."""
+        queue is full. When the model is idle, wait until the request has been answered
+        (the caller is a connection's reader: see the module's docstring)."""
         with self._cond:
             if self._stopping:
                 raise InternalError(f"model {self.name} is being unloaded")
             work.model_id = self.model_id
+            if not (self._busy or self._queue):
+                work.done = threading.Event()
             self._admit(work)
             self._queue.append(work)
             self._queued_rows += work.rows
             self._queued_bytes += work.nbytes
             self._callers[work.caller] = work.enqueued
             self._cond.notify()
-
+        if work.done is not None:
+            while not work.done.wait(1.0):
+                if not self._thread.is_alive():
+                    return  # drained or unloaded meanwhile: nothing will run it now
     def _admit(self, work: Work) -> None:
         """Under the condition's lock: Overloaded when ``work`` does not fit the queue's
         limits (an empty queue takes any request)."""
@@ -271,6 +281,9 @@ class Batcher:
                 self._busy = False
                 self.stats.busy_seconds += time.monotonic() - started
                 idle = not self._queue
+                for work in batch:  # after _busy: a reader that waited finds the model idle
+                    if work.done is not None:
+                        work.done.set()
             if idle and self._on_idle is not None:
                 self._on_idle()
 
@@ -287,18 +300,28 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not (self._queue or self._stopping):
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                first = self._queue.popleft()
-                self._dequeued(first)
-                batch = [first]
-                self._busy = True  # from here on the model is in use, waiting included
-                if self.merge and self.batching.merges and first.signature is not None:
-                    self._fill(batch)
+            batch = self._next_batch()
+            if batch is None:
+                return
             self._run_timed(batch)
+            # Drop the batch before waiting for the next: its requests' inputs may be views
+            # of a client's shared memory, which must go with the client.
+            del batch
+
+    def _next_batch(self) -> list[Work] | None:
+        """Wait for work and take the next batch (None: drained, stop)."""
+        with self._cond:
+            while not (self._queue or self._stopping):
+                self._cond.wait()
+            if not self._queue:
+                return None
+            first = self._queue.popleft()
+            self._dequeued(first)
+            batch = [first]
+            self._busy = True  # from here on the model is in use, waiting included
+            if self.merge and self.batching.merges and first.signature is not None:
+                self._fill(batch)
+            return batch
 
     def _dequeued(self, work: Work) -> None:
         self._queued_rows -= work.rows

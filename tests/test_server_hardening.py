@@ -289,13 +289,12 @@ def poll(condition, timeout: float = 20.0, what: str = "") -> None:
 
 def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bounded_server, workdir):
     """Four clients pipeline 150 requests each (128 KiB, 8 rows apiece: 75 MiB in all) at a
-    model held busy; its queue takes 8 (64 rows, 1 MiB), the rest are refused at once.
-    (Merging is off for the model, so the batch held by the gate is exactly one request.)"""
+    model held busy; its queue takes 8 (64 rows, 1 MiB), the rest are refused at once."""
     gate = os.path.join(workdir, "flood-gate")
     d_in, n_each, clients = 4096, 150, 4
     spec = spec_of(GatedMLP, gate=gate, d_in=d_in, hidden=8, d_out=4)
     with channel(bounded_server.path) as ch:
-        ch.request({**load_request("gated", spec), "batching": {"max_batch_duration_secs": 0}})
+        ch.request(load_request("gated", spec))
     rss = RssPeak(bounded_server.proc.pid)
     xs = [[torch.randn(8, d_in) for _ in range(n_each)] for _ in range(clients)]
     replies: dict[int, list] = {}
@@ -310,9 +309,9 @@ def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bou
     try:
         for t in threads:
             t.start()
-        # one request runs (held by the gate) on the model's batcher thread, 8 wait in the
-        # queue; every connection is read to the end and the rest refused
-        refused = clients * n_each - QUEUE_ROWS // 8 - 1
+        # one request runs (held by the gate) for the reader of the connection it came on,
+        # which reads no further; the other three connections are read to the end
+        refused = (clients - 1) * n_each - QUEUE_ROWS // 8
         poll(lambda: model_status(bounded_server.path, "gated")["overloaded"] >= refused, what="the refusals")
         held = model_status(bounded_server.path, "gated")
         assert held["queued_rows"] == QUEUE_ROWS and held["queued_bytes"] == QUEUE_BYTES
@@ -466,8 +465,9 @@ def test_deterministic_mode_never_merges_and_matches_each_request_alone(sock_pat
         for t in threads:
             t.start()
         try:  # every request waits at once: without the mode they would share forward passes
-            # (one runs, held by the gate, on the model's batcher thread; the rest queue)
-            poll(lambda: model_status(sock_path, "g")["in_flight"] == 2 * k, what="the requests queued")
+            # one runs for the reader of the connection it came on (which reads no further
+            # meanwhile); the other connection's all queue behind it
+            poll(lambda: model_status(sock_path, "g")["in_flight"] == k + 1, what="the requests queued")
         finally:
             open(gate, "w").close()
             for t in threads:
