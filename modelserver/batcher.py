@@ -124,7 +124,6 @@ class Work:
             log.debug("could not deliver a reply", exc_info=True)
 
 
-
 @dataclass
 class BatchStats:
     requests: int = 0
@@ -258,6 +257,7 @@ class Batcher:
             while not work.done.wait(1.0):
                 if not self._thread.is_alive():
                     return  # drained or unloaded meanwhile: nothing will run it now
+
     def _admit(self, work: Work) -> None:
         """Under the condition's lock: Overloaded when ``work`` does not fit the queue's
         limits (an empty queue takes any request)."""

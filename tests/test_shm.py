@@ -95,11 +95,14 @@ def model_in_flight(path: str, key: str) -> bool:
 
 
 def dev_shm() -> set[str]:
-    """The shared-memory segments in /dev/shm. POSIX semaphores (sem.*) live there too, and
-    other work on this machine (multiprocessing) makes and removes them: not ours, left out."""
+    """beamlet's entries in /dev/shm (there must be none: its regions are anonymous
+    memfds). Other work on the machine (multiprocessing's semaphores, torch's shared
+    tensors, other test runs) makes and removes entries there at any time, so a
+    comparison of the whole directory would be flaky; that no process of ours holds or
+    maps anything there is checked per process (``uses_dev_shm``)."""
     if not os.path.isdir("/dev/shm"):
         return set()
-    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
+    return {name for name in os.listdir("/dev/shm") if "beamlet" in name.lower()}
 
 
 def uses_dev_shm(pid: int) -> bool:
