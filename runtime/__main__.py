@@ -17,7 +17,9 @@ import json
 import logging
 import signal
 import sys
+import time
 
+from runtime import startup
 from runtime.errors import CannotStart, PipelineError
 from runtime.harness import Harness
 from runtime.watch import DEFAULT_SETTLE, WatchFilePattern
@@ -25,6 +27,7 @@ from runtime.worker import load_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
+    imported = startup.process_age()
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline file on a harness of SDK workers")
@@ -61,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
+    startup.step("harness import", imported, "process start to main")
+    began = time.monotonic()
     try:
         pipeline = load_pipeline(args.pipeline, args.input, args.output)
     except Exception as exc:
         print(f"runtime: cannot load {args.pipeline}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    startup.step("pipeline import", time.monotonic() - began, args.pipeline)
     if args.watch_model:
         steps = pipeline.inference_steps()
         if not steps:

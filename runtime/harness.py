@@ -47,6 +47,7 @@ from typing import Any
 from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
+from runtime import startup
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
@@ -216,10 +217,11 @@ class _Run:
         self.server_path: str | None = None
         self.keeper: ServerKeeper | None = None
         self._bar: Any = None
+        self.started = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------
     def execute(self) -> RunSummary:
-        started = time.monotonic()
+        self.started = time.monotonic()
         self.h.current = self
         self.h._stop_signal = None
         completed = False
@@ -247,7 +249,7 @@ class _Run:
                 self._bar.close()
             if not completed:  # failed, stopped, or an error of our own: no half output
                 _abort_sink(self.sink)
-        self.summary.seconds = time.monotonic() - started
+        self.summary.seconds = time.monotonic() - self.started
         self.summary.worker_restarts = self.restarts
         self.summary.bundle_retries = self.ledger.retries
         self.summary.set_metrics(self.metrics)
@@ -446,6 +448,11 @@ class _Run:
         slot.channel = channel
         slot.threads = int(message.get("threads", slot.threads))
         slot.last_seen = time.monotonic()
+        startup.step(
+            f"worker {slot.worker_id}",
+            slot.last_seen - slot.started,
+            f"from spawn to hello; pid {slot.pid}, {slot.start_method}",
+        )
 
     def _complete(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         index = int(message.get("bundle", -1))
@@ -476,6 +483,12 @@ class _Run:
             self.summary.outputs += len(outputs)
             self.summary.add_dead_letters(dead)
             self.summary.bundles += 1
+            if self.summary.bundles == 1:
+                startup.step(
+                    "first bundle committed",
+                    startup.process_age(),
+                    f"after the process started; {time.monotonic() - self.started:.2f}s after the run started",
+                )
             if self.on_commit is not None:
                 self.on_commit(BundleResult(index, outputs, dead))
             if self._bar is not None:
@@ -518,14 +531,22 @@ class _Run:
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop workers in bounded stages, stop our model server, remove our files."""
+        began = time.monotonic()
         self.updates.stop()
         self.pool.stop()
+        workers = time.monotonic()
         if self.listener is not None:
             self.listener.close()
         if self.keeper is not None:
             self.keeper.stop()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info(
+            "stopped in %.2fs: workers %.2fs, then the rest (model server, files) %.2fs",
+            time.monotonic() - began,
+            workers - began,
+            time.monotonic() - workers,
+        )
 
     def _open_progress(self) -> None:
         if not self.h.progress:

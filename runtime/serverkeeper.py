@@ -17,6 +17,7 @@ from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import BeamletError, ServerUnavailable
+from runtime import startup
 
 if TYPE_CHECKING:
     from runtime.pipeline import InferenceStep
@@ -54,8 +55,10 @@ class ServerKeeper:
 
     def start(self) -> None:
         """Use a server already running at the path, or start one (which we then own)."""
+        began = time.monotonic()
         proc = self._ensure()
         if proc is None:
+            startup.step("model server", time.monotonic() - began, f"already running at {self.path}")
             log.info("using the model server already running at %s", self.path)
             if self.env:
                 log.warning(
@@ -67,6 +70,9 @@ class ServerKeeper:
             return
         self.owned = True
         self._proc = proc
+        startup.step(
+            "model server", time.monotonic() - began, f"from spawn to serving; pid {proc.pid}, exec'd"
+        )
 
     def serve_versions(self, steps: Iterable[InferenceStep]) -> None:
         """Make the server serve this run's version of each shared single model before

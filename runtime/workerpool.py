@@ -49,7 +49,8 @@ class WorkerPool:
             )
         else:
             process = fork_worker(self.control_path, worker_id, self.steps, self.threads, env)
-        slot = self.slots[worker_id] = WorkerSlot(worker_id, process, threads=self.threads)
+        how = "exec'd" if self.pipeline_ref else "forked"
+        slot = self.slots[worker_id] = WorkerSlot(worker_id, process, threads=self.threads, start_method=how)
         log.info("spawned worker %d (pid %d)", worker_id, process.pid)
         return slot
 

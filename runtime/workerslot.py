@@ -29,6 +29,7 @@ class WorkerSlot:
     last_seen: float = field(default_factory=time.monotonic)
     threads: int = 1
     killed_for: str | None = None
+    start_method: str = "forked"  # or "exec'd"
 
     @property
     def pid(self) -> int:
