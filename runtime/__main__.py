@@ -28,6 +28,7 @@ import time
 from runtime import startup
 from runtime.errors import CannotStart, PipelineError
 from runtime.harness import Harness
+from runtime.processes import exit_now
 from runtime.watch import DEFAULT_SETTLE, WatchFilePattern
 from runtime.worker import load_pipeline
 
@@ -143,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # without tearing torch down: the output is written, the children reaped

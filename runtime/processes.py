@@ -4,6 +4,7 @@ work is done (a forked child must not run its parent's atexit handlers or finali
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -34,6 +35,21 @@ def set_process_name(name: str) -> None:
         ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with ``code`` once its work is done and written: run its atexit
+    handlers (logging's among them), flush the standard streams, and skip the teardown of
+    every module and object, which takes half a second once torch is imported."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
 
 def run_then_exit(body: Callable[[], int], failed: int) -> NoReturn:

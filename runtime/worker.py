@@ -40,7 +40,7 @@ from runtime.control import (
     ControlChannel,
 )
 from runtime.pipeline import Pipeline, Step, process_bundle
-from runtime.processes import die_with_parent, run_then_exit
+from runtime.processes import die_with_parent, exit_now, run_then_exit
 
 log = logging.getLogger("beamlet.worker")
 
@@ -269,4 +269,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
