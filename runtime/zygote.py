@@ -255,8 +255,8 @@ def _reap(pid: int, timeout: float) -> int | None:
     while True:
         try:
             done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return -signal.SIGKILL  # reaped already: nothing more to know
+        except ChildProcessError:  # reaped already, by close() racing the reader's _on_lost
+            return -signal.SIGKILL
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
