@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from modelserver import config
 from modelserver.channel import Channel
@@ -45,6 +45,14 @@ EXIT_ALREADY_RUNNING = 3  # modelserver.server.EXIT_ALREADY_RUNNING, without imp
 
 
 FROM_ENV: Any = object()  # "take the idle timeout from BEAMLET_SERVER_IDLE_TIMEOUT"
+
+
+class Process(Protocol):
+    """A started server process: a ``subprocess.Popen``, or anything that polls like one."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
 
 
 def server_alive(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -72,20 +80,9 @@ def ensure_server(
     within ``timeout`` seconds, PermissionError when the socket's directory is not
     private to us."""
     deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        if server_alive(path, probe_timeout):
-            return None
-        lock = StartLock.try_acquire(path)
-        if lock is not None:
-            break
-        if time.monotonic() + delay > deadline:
-            raise ServerUnavailable(
-                f"no model server answered at {path} within {timeout:.0f}s, and one holds "
-                f"{lock_path(path)} (starting, or stopped/wedged); see {log_path(path)}"
-            )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
+    lock = claim_start(path, timeout, probe_timeout)
+    if lock is None:
+        return None
     # We hold the lock, so no server runs: start one and hand the lock to it.
     try:
         proc = spawn_server(path, extra_args, idle_timeout, lock=lock, env=env)
@@ -96,14 +93,42 @@ def ensure_server(
     try:
         wait_until_serving(path, proc, max(deadline - time.monotonic(), probe_timeout), probe_timeout)
     finally:
-        # Reap it whenever it exits, so no zombie stays behind in a long-lived worker.
-        threading.Thread(target=proc.wait, name=f"reap-modelserver-{proc.pid}", daemon=True).start()
+        reap_in_background(proc)
     return proc
+
+
+def claim_start(
+    path: str, timeout: float = START_TIMEOUT, probe_timeout: float = PROBE_TIMEOUT
+) -> StartLock | None:
+    """None once a server answers at ``path``; or the start lock, when none runs and it
+    falls to the caller to start one (and hand the lock to it, or release it). Raises
+    ``ServerUnavailable`` when someone holds the lock but no server answers within
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if server_alive(path, probe_timeout):
+            return None
+        lock = StartLock.try_acquire(path)
+        if lock is not None:
+            return lock
+        if time.monotonic() + delay > deadline:
+            raise ServerUnavailable(
+                f"no model server answered at {path} within {timeout:.0f}s, and one holds "
+                f"{lock_path(path)} (starting, or stopped/wedged); see {log_path(path)}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def reap_in_background(proc: subprocess.Popen[bytes]) -> None:
+    """Reap ``proc`` whenever it exits, so no zombie stays behind in a long-lived process."""
+    threading.Thread(target=proc.wait, name=f"reap-modelserver-{proc.pid}", daemon=True).start()
 
 
 def wait_until_serving(
     path: str,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
     timeout: float = START_TIMEOUT,
     probe_timeout: float = PROBE_TIMEOUT,
 ) -> None:
@@ -150,20 +175,12 @@ def spawn_server(
     then only ``detach``es its own copy. Without, the server takes the lock itself, or
     exits with code 3 when another server holds it."""
     config.ensure_private_dir(os.path.dirname(path))
-    if idle_timeout is FROM_ENV:
-        idle_timeout = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
-    args = [sys.executable, "-m", "modelserver", "serve", "--socket", path]
-    if idle_timeout is not None:
-        args += ["--idle-timeout", str(idle_timeout)]
-    args += extra_args or []
-    child = config.child_env(env)
-    child.pop(FD_ENV, None)
+    args = [sys.executable, "-m", "modelserver", *serve_args(path, extra_args, idle_timeout)]
+    child = server_env(env)
     if lock is not None:
         child.update(lock.child_env())
-    fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = open_log(path)
     try:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"{stamp} INFO {log.name}[{os.getpid()}]: starting a model server for {path}\n".encode())
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -179,6 +196,39 @@ def spawn_server(
         os.close(fd)
     log.info("started model server pid %d for %s", proc.pid, path)
     return proc
+
+
+def serve_args(path: str, extra_args: list[str] | None = None, idle_timeout: Any = FROM_ENV) -> list[str]:
+    """``serve --socket PATH [--idle-timeout S] EXTRA...``: the arguments of
+    ``python -m modelserver`` for a server of ``path`` (the idle timeout as ``spawn_server``
+    takes it)."""
+    if idle_timeout is FROM_ENV:
+        idle_timeout = os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
+    args = ["serve", "--socket", path]
+    if idle_timeout is not None:
+        args += ["--idle-timeout", str(idle_timeout)]
+    return args + list(extra_args or [])
+
+
+def server_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A server's environment: this process's, with ``env`` set, and no start lock named
+    (the spawner adds the one it hands over)."""
+    child = config.child_env(env)
+    child.pop(FD_ENV, None)
+    return child
+
+
+def open_log(path: str) -> int:
+    """The server's log (``modelserver.log`` beside the socket, appended to, 0600), with a
+    line that says who is starting a server: a descriptor for its stdout and stderr."""
+    fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"{stamp} INFO {log.name}[{os.getpid()}]: starting a model server for {path}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _tail(path: str, lines: int = 20) -> str:

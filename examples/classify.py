@@ -9,8 +9,9 @@ Run it with the harness (``make demo`` does, after training the model)::
 (``examples/demo.py`` trains one). Each output line is ``{"label": ..., "model_id": ...}``,
 one per input row, in input order.
 
-The harness imports this file to build the pipeline, and each SDK worker
-(``python -m runtime.worker``) imports it again; ``large_model=True`` makes the harness
+The harness imports this file to build the pipeline and forks its SDK workers from a
+process that has it imported (with ``--exec-workers`` each worker,
+``python -m runtime.worker``, imports it again); ``large_model=True`` makes the harness
 start a model server, which loads the model once for all workers and gets
 ``Classifier`` by source. ``Classifier`` is at the top level so that works.
 """

@@ -1,9 +1,13 @@
 """``python -m runtime run PIPELINE``: the main job from the command line.
 
 PIPELINE is a Python file or module defining ``build_pipeline(input, output)`` that
-returns a ``runtime.Pipeline`` (a read step, steps, a write step). The workers are
-started as ``python -m runtime.worker`` and import the same file, so what they run is
-what you wrote. A progress bar shows on a terminal; a summary prints at the end; dead
+returns a ``runtime.Pipeline`` (a read step, steps, a write step). This process imports
+it once; the workers (and the model server, if the run starts one) are forked from a
+zygote forked from this process right after the import, so they import nothing again.
+With ``--exec-workers``, or when importing the pipeline started a thread (an OpenMP team
+that ran while it loaded, a thread of its own: forking from such a process is not safe),
+the workers are started as ``python -m runtime.worker`` instead and import the file
+themselves. A progress bar shows on a terminal; a summary prints at the end; dead
 letters, if any, are written beside the output as ``<output>.dead_letters.jsonl``.
 ``--watch-model PATTERN`` swaps in new model versions while the job runs (docs/refresh.md).
 ``--deterministic``: the same input gives bitwise the same output in every run. The
@@ -15,16 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
+from runtime import startup
 from runtime.errors import CannotStart, PipelineError
 from runtime.harness import Harness
+from runtime.processes import exit_now
 from runtime.watch import DEFAULT_SETTLE, WatchFilePattern
 from runtime.worker import load_pipeline
 
+log = logging.getLogger("beamlet.harness")
+
+
+def thread_count() -> int:
+    """This process's threads, Python's and native ones (OpenMP's, OpenBLAS's)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
 
 def main(argv: list[str] | None = None) -> int:
+    imported = startup.process_age()
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline file on a harness of SDK workers")
@@ -55,17 +75,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--exec-workers",
+        action="store_true",
+        help="start each worker (and the model server) as a new Python process that imports "
+        "the pipeline itself, instead of forking them from this one",
+    )
     run.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
+    startup.step("harness import", imported, "process start to main")
+    began = time.monotonic()
+    threads = thread_count()
     try:
         pipeline = load_pipeline(args.pipeline, args.input, args.output)
     except Exception as exc:
         print(f"runtime: cannot load {args.pipeline}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    startup.step("pipeline import", time.monotonic() - began, args.pipeline)
+    started = thread_count() - threads
+    if started > 0 and not args.exec_workers:
+        log.warning(
+            "loading %s started %d thread(s) (an OpenMP team, or a thread of its own), and a "
+            "process forked from this one could hang on what they hold: the workers start as "
+            "python -m runtime.worker instead, and import the pipeline themselves",
+            args.pipeline,
+            started,
+        )
     if args.watch_model:
         steps = pipeline.inference_steps()
         if not steps:
@@ -83,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         socket_path=args.socket,
         server_args=["--memory-budget", args.memory_budget] if args.memory_budget else [],
         progress=False if args.no_progress else None,
-        pipeline_ref=args.pipeline,
+        pipeline_ref=args.pipeline if args.exec_workers or started > 0 else None,
         pipeline_args=(args.input, args.output),
         deterministic=args.deterministic,
     )
@@ -105,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # without tearing torch down: the output is written, the children reaped

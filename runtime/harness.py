@@ -47,6 +47,7 @@ from typing import Any
 from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
+from runtime import computethreads, startup
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
@@ -56,6 +57,7 @@ from runtime.summary import RunSummary
 from runtime.updates import ModelUpdateFeed
 from runtime.workerpool import WorkerPool
 from runtime.workerslot import WorkerSlot
+from runtime.zygote import Zygote, ZygoteLost
 
 log = logging.getLogger("beamlet.harness")
 
@@ -78,9 +80,12 @@ class Harness:
     pipeline)`` is for custom runners: hand in bundles (iterables of elements), get a
     ``BundleResult`` per bundle back, in order.
 
-    Workers are forked (the ``multiprocess`` package) and inherit the pipeline's steps as
-    written; with ``pipeline_ref`` they are started as ``python -m runtime.worker`` and
-    import the pipeline themselves.
+    Workers are forked from the run's zygote (runtime/zygote.py), a process forked from
+    this one when the run starts, before the harness starts a thread of its own: they
+    inherit the pipeline's steps as written and import nothing again. With
+    ``pipeline_ref`` they are started as ``python -m runtime.worker`` and import the
+    pipeline themselves. A worker whose models all live in the model server computes with
+    one torch thread; others share this process's torch threads (runtime/computethreads.py).
 
     ``deterministic=True``: the same input gives bitwise the same output in every run.
     Bundles are cut by count (as always), and every process the run starts (its workers,
@@ -208,23 +213,31 @@ class _Run:
         self.restarts = 0
         self.env: dict[str, str] = {config.DETERMINISTIC_ENV: "1"} if harness.deterministic else {}
         self.run_dir: str | None = None
+        self.zygote: Zygote | None = None
+        compute = computethreads.for_workers(
+            pipeline.steps, harness.workers, computethreads.process_threads()
+        )
         self.pool = WorkerPool(
-            "", harness.threads, pipeline.steps, harness.pipeline_ref, harness.pipeline_args
+            "", harness.threads, compute, None, harness.pipeline_ref, harness.pipeline_args
         )
         self.updates = ModelUpdateFeed(pipeline, self.events)
         self.listener: ControlListener | None = None
         self.server_path: str | None = None
         self.keeper: ServerKeeper | None = None
         self._bar: Any = None
+        self.started = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------
     def execute(self) -> RunSummary:
-        started = time.monotonic()
+        self.started = time.monotonic()
         self.h.current = self
         self.h._stop_signal = None
         completed = False
         old_handlers = self._install_signal_handlers()
         try:
+            if self.h.pipeline_ref is None:
+                # First: before this run starts a thread or opens a socket or a file.
+                self.zygote = self.pool.zygote = Zygote(self.pipeline.steps)
             self.run_dir = tempfile.mkdtemp(prefix="beamlet-run-")
             os.chmod(self.run_dir, 0o700)
             self.pool.control_path = os.path.join(self.run_dir, "control.sock")
@@ -232,8 +245,14 @@ class _Run:
             self._start_model_server()
             self.updates.start()
             self.sink.open()
+            log.info(
+                "workers compute with %s torch threads: %s",
+                self.pool.compute.intra_op or "torch's",
+                self.pool.compute.why,
+            )
             for _ in range(self.h.workers):
                 self.spawn_worker()
+            self._model_server_ready()
             self._open_progress()
             self._loop()
             if self.failure is None and self.h._stop_signal is None:
@@ -247,7 +266,7 @@ class _Run:
                 self._bar.close()
             if not completed:  # failed, stopped, or an error of our own: no half output
                 _abort_sink(self.sink)
-        self.summary.seconds = time.monotonic() - started
+        self.summary.seconds = time.monotonic() - self.started
         self.summary.worker_restarts = self.restarts
         self.summary.bundle_retries = self.ledger.retries
         self.summary.set_metrics(self.metrics)
@@ -281,10 +300,15 @@ class _Run:
         env = dict(self.env)
         if self.server_path:
             env[config.SOCKET_ENV] = self.server_path
-        self.pool.spawn(env)
+        try:
+            self.pool.spawn(env)
+        except ZygoteLost as exc:
+            self._fail(str(exc))
 
     def reap_workers(self) -> None:
         """Re-run the bundles of each worker that ended, and replace it (restart policy)."""
+        if self.zygote is not None and self.zygote.lost:
+            self._fail(self.zygote.lost)
         for slot, code, end in self.pool.reap():
             try:
                 self.ledger.lose(slot.worker_id, end)
@@ -446,6 +470,11 @@ class _Run:
         slot.channel = channel
         slot.threads = int(message.get("threads", slot.threads))
         slot.last_seen = time.monotonic()
+        startup.step(
+            f"worker {slot.worker_id}",
+            slot.last_seen - slot.started,
+            f"from spawn to hello; pid {slot.pid}, {slot.start_method}",
+        )
 
     def _complete(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         index = int(message.get("bundle", -1))
@@ -476,6 +505,12 @@ class _Run:
             self.summary.outputs += len(outputs)
             self.summary.add_dead_letters(dead)
             self.summary.bundles += 1
+            if self.summary.bundles == 1:
+                startup.step(
+                    "first bundle committed",
+                    startup.process_age(),
+                    f"after the process started; {time.monotonic() - self.started:.2f}s after the run started",
+                )
             if self.on_commit is not None:
                 self.on_commit(BundleResult(index, outputs, dead))
             if self._bar is not None:
@@ -500,9 +535,21 @@ class _Run:
         if not self.pipeline.needs_model_server():
             return
         self.server_path = server_path_for(self.pipeline.inference_steps(), self.h.socket_path)
-        self.keeper = ServerKeeper(self.server_path, self.h.server_args, self.env)
+        self.keeper = ServerKeeper(self.server_path, self.h.server_args, self.env, self.zygote)
         try:
             self.keeper.start()
+            if not self.keeper.owned:  # it may serve another version: before a worker attaches
+                self.keeper.serve_versions(self.pipeline.inference_steps())
+        except ServerStartFailed as exc:
+            raise PipelineError(str(exc)) from None
+
+    def _model_server_ready(self) -> None:
+        """Once the workers are starting: wait for the server this run started (it
+        started at the same time) and make it serve the run's versions."""
+        if self.keeper is None or not self.keeper.owned:
+            return
+        try:
+            self.keeper.wait_until_serving()
             self.keeper.serve_versions(self.pipeline.inference_steps())
         except ServerStartFailed as exc:
             raise PipelineError(str(exc)) from None
@@ -518,14 +565,24 @@ class _Run:
     # -- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop workers in bounded stages, stop our model server, remove our files."""
+        began = time.monotonic()
         self.updates.stop()
         self.pool.stop()
+        workers = time.monotonic()
         if self.listener is not None:
             self.listener.close()
         if self.keeper is not None:
             self.keeper.stop()
+        if self.zygote is not None:
+            self.zygote.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info(
+            "stopped in %.2fs: workers %.2fs, then the rest (model server, files) %.2fs",
+            time.monotonic() - began,
+            workers - began,
+            time.monotonic() - workers,
+        )
 
     def _open_progress(self) -> None:
         if not self.h.progress:

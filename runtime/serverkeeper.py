@@ -1,7 +1,13 @@
 """The harness's hold on the model server: start it if the run needs one and none runs,
 make it serve the run's model versions, start a new one if it dies, stop it at the end
 if this run started it. The server it starts gets the run's environment on top of the
-harness's own (deterministic mode)."""
+harness's own (deterministic mode).
+
+A server it starts is forked from the run's zygote (runtime/zygote.py) when the run has
+one, so it does not import torch again; else it is ``python -m modelserver serve``, as a
+client starts one. Either way under the start lock, which the server then holds, and
+either way ``start`` returns without waiting for it: the workers start meanwhile, and
+``wait_until_serving`` waits before the first bundle."""
 
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import BeamletError, ServerUnavailable
+from modelserver.startlock import StartLock
+from runtime import startup
+from runtime.zygote import Zygote, ZygoteChild, ZygoteLost
 
 if TYPE_CHECKING:
     from runtime.pipeline import InferenceStep
@@ -43,19 +52,30 @@ class ServerKeeper:
 
     CHECK_INTERVAL = 0.25
 
-    def __init__(self, path: str, server_args: list[str], env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        server_args: list[str],
+        env: Mapping[str, str] | None = None,
+        zygote: Zygote | None = None,
+    ):
         self.path = path
         self.server_args = server_args
         self.env = dict(env or {})
+        self.zygote = zygote
         self.owned = False
         self.restarts = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: ZygoteChild | subprocess.Popen[bytes] | None = None
+        self._spawned = 0.0  # when our server was spawned, until it serves
         self._last_check = 0.0
 
     def start(self) -> None:
-        """Use a server already running at the path, or start one (which we then own)."""
-        proc = self._ensure()
-        if proc is None:
+        """Use a server already running at the path, or start one, which we then own and
+        which may still be starting when this returns (``wait_until_serving``)."""
+        began = time.monotonic()
+        self._proc = self._spawn()
+        if self._proc is None:
+            startup.step("model server", time.monotonic() - began, f"already running at {self.path}")
             log.info("using the model server already running at %s", self.path)
             if self.env:
                 log.warning(
@@ -66,7 +86,21 @@ class ServerKeeper:
                 )
             return
         self.owned = True
-        self._proc = proc
+
+    def wait_until_serving(self) -> None:
+        """Return once the server we started answers; ServerStartFailed if it exits first
+        or does not answer in time."""
+        if self._proc is None or not self._spawned:
+            return
+        proc, self._spawned, spawned = self._proc, 0.0, self._spawned
+        try:
+            autostart.wait_until_serving(self.path, proc, autostart.START_TIMEOUT)
+        except ServerUnavailable as exc:
+            raise ServerStartFailed(f"cannot start the model server: {exc}") from None
+        how = "forked" if isinstance(proc, ZygoteChild) else "exec'd"
+        startup.step(
+            "model server", time.monotonic() - spawned, f"from spawn to serving; pid {proc.pid}, {how}"
+        )
 
     def serve_versions(self, steps: Iterable[InferenceStep]) -> None:
         """Make the server serve this run's version of each shared single model before
@@ -84,14 +118,43 @@ class ServerKeeper:
                     except BeamletError as exc:
                         raise ServerStartFailed(f"the model server cannot load {step.label}: {exc}") from None
 
-    def _ensure(self) -> subprocess.Popen[bytes] | None:
-        """A server at the path, started the way every client starts one (under the start
-        lock, so a client racing us starts none): the process we started, or None when one
-        was already running or starting."""
+    def _spawn(self) -> ZygoteChild | subprocess.Popen[bytes] | None:
+        """Start a server at the path under the start lock (so a client racing us starts
+        none), without waiting for it to serve: the process we started, or None when one
+        was already running (or another was starting and now serves)."""
         try:
-            return autostart.ensure_server(self.path, self.server_args, idle_timeout=None, env=self.env)
+            lock = autostart.claim_start(self.path)
         except ServerUnavailable as exc:
             raise ServerStartFailed(f"cannot start the model server: {exc}") from None
+        if lock is None:
+            return None
+        try:
+            proc: ZygoteChild | subprocess.Popen[bytes] | None = self._fork(lock) if self.zygote else None
+            if proc is None:
+                exec_proc = autostart.spawn_server(self.path, self.server_args, None, lock=lock, env=self.env)
+                autostart.reap_in_background(exec_proc)
+                proc = exec_proc
+        except BaseException:
+            lock.release()
+            raise
+        lock.detach()  # the server holds it now
+        self._spawned = time.monotonic()
+        return proc
+
+    def _fork(self, lock: StartLock) -> ZygoteChild | None:
+        """Fork the server from the zygote; None when the zygote has gone."""
+        assert self.zygote is not None
+        config.ensure_private_dir(os.path.dirname(self.path))
+        argv = autostart.serve_args(self.path, self.server_args, None)
+        log_fd = autostart.open_log(self.path)
+        try:
+            proc = self.zygote.spawn_server(argv, autostart.server_env(self.env), log_fd, lock.fd)
+        except ZygoteLost:
+            return None
+        finally:
+            os.close(log_fd)
+        log.info("forked model server pid %d for %s", proc.pid, self.path)
+        return proc
 
     def watch(self) -> None:
         """Called every turn of the harness loop: replace our server if it died."""
@@ -106,7 +169,8 @@ class ServerKeeper:
             return  # alive, or a client already started a new one
         log.warning("the model server exited (code %s); starting a new one", code)
         self.restarts += 1
-        self._proc = self._ensure() or self._proc
+        self._proc = self._spawn() or self._proc
+        self.wait_until_serving()
 
     def stop(self) -> None:
         """Stop the server if we own it, and wait until its process has gone."""

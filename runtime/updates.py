@@ -4,9 +4,10 @@ For each RunInference step with a source of updates (``model_metadata_pcoll``), 
 thread polls the source and checks each new file without loading it
 (``loaders.check``), so a corrupt or misfitting file never reaches a worker, nor one
 started later. Checked updates, and rejections, go onto the harness's event queue; the
-harness loop then ``apply``s each one to its own copy of the step (workers forked from
-then on inherit it) and sends the message to every worker, and ``replay``s the latest
-one per step to a worker that says hello later, before any bundle.
+harness loop then ``apply``s each one to its own copy of the step and sends the message
+to every worker, and ``replay``s the latest one per step to a worker that says hello
+later (forked from the run's zygote, it holds the steps as the run began), before any
+bundle.
 """
 
 from __future__ import annotations

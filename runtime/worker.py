@@ -17,7 +17,6 @@ also asks the kernel for SIGKILL when its parent dies.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import importlib.util
 import logging
@@ -31,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from client import refresh
+from runtime import computethreads
+from runtime.computethreads import ComputeThreads
 from runtime.control import (
     EXIT_BOOT_FAILED,
     EXIT_CRASHED,
@@ -39,19 +40,9 @@ from runtime.control import (
     ControlChannel,
 )
 from runtime.pipeline import Pipeline, Step, process_bundle
+from runtime.processes import die_with_parent, exit_now, run_then_exit
 
 log = logging.getLogger("beamlet.worker")
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Worker:
@@ -179,22 +170,22 @@ class Worker:
             pass  # the harness is gone; serve() notices
 
 
-def worker_main(control_path: str, worker_id: int, steps: list[Step], threads: int) -> None:
-    """The body of a forked worker process (never returns)."""
-    die_with_parent()
+def worker_main(
+    control_path: str, worker_id: int, steps: list[Step], threads: int, parent: int | None = None
+) -> None:
+    """The body of a forked worker process (never returns). ``parent``: the pid of the
+    process that forked it, which it dies with."""
+    if not die_with_parent(parent):
+        os._exit(EXIT_LOST_HARNESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the harness decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    code = EXIT_BOOT_FAILED
-    try:
+
+    def serve() -> int:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(control_path)
-        code = Worker(ControlChannel(sock), worker_id, steps, threads).serve()
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return Worker(ControlChannel(sock), worker_id, steps, threads).serve()
+
+    run_then_exit(serve, EXIT_BOOT_FAILED)
 
 
 def load_pipeline(ref: str, input_path: str | None = None, output_path: str | None = None) -> Pipeline:
@@ -229,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads(N) before booting",
+    )
+    parser.add_argument(
+        "--inter-op-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_interop_threads(N) before booting",
+    )
     args = parser.parse_args(argv)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # whoever started us decides when we stop
@@ -259,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_BOOT_FAILED
+    computethreads.apply(ComputeThreads(args.intra_op_threads, args.inter_op_threads))
     return Worker(channel, args.worker_id, steps, args.threads).serve()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -14,43 +14,61 @@ import signal
 import time
 from typing import Any
 
+from modelserver import config
+from runtime.computethreads import ComputeThreads
 from runtime.control import ControlChannel
-from runtime.workerslot import WorkerSlot, exec_worker, fork_worker
+from runtime.workerslot import WorkerSlot, exec_worker
+from runtime.zygote import Zygote
 
 log = logging.getLogger("beamlet.harness")
 
 
 class WorkerPool:
-    """Workers connected to ``control_path``, each with ``threads`` threads: forked with
-    ``steps`` inherited, or, with ``pipeline_ref``, started as ``python -m runtime.worker``."""
+    """Workers connected to ``control_path``, each with ``threads`` threads and ``compute``
+    torch threads: forked from ``zygote`` with its steps inherited, or, with
+    ``pipeline_ref``, started as ``python -m runtime.worker``."""
 
     def __init__(
         self,
         control_path: str,
         threads: int,
-        steps: Any,
+        compute: ComputeThreads,
+        zygote: Zygote | None = None,
         pipeline_ref: str | None = None,
         pipeline_args: tuple[str | None, str | None] = (None, None),
     ):
         self.control_path = control_path
         self.threads = threads
-        self.steps = steps
+        self.compute = compute
+        self.zygote = zygote
         self.pipeline_ref = pipeline_ref
         self.pipeline_args = pipeline_args
         self.slots: dict[int, WorkerSlot] = {}
         self._ids = itertools.count()
 
     def spawn(self, env: dict[str, str]) -> WorkerSlot:
-        """Start one more worker, with ``env`` on top of this process's environment."""
+        """Start one more worker, with ``env`` on top of this process's environment.
+        Raises ZygoteLost when its zygote has gone."""
         worker_id = next(self._ids)
+        child_env = config.child_env({**env, **self.compute.env})
+        process: Any
         if self.pipeline_ref:
             process = exec_worker(
-                self.control_path, worker_id, self.pipeline_ref, self.pipeline_args, self.threads, env
+                self.control_path,
+                worker_id,
+                self.pipeline_ref,
+                self.pipeline_args,
+                self.threads,
+                child_env,
+                self.compute,
             )
         else:
-            process = fork_worker(self.control_path, worker_id, self.steps, self.threads, env)
+            assert self.zygote is not None, "a pool without a pipeline_ref forks from a zygote"
+            process = self.zygote.spawn_worker(
+                worker_id, self.control_path, self.threads, child_env, self.compute
+            )
         slot = self.slots[worker_id] = WorkerSlot(worker_id, process, threads=self.threads)
-        log.info("spawned worker %d (pid %d)", worker_id, process.pid)
+        log.info("spawned worker %d (pid %d, %s)", worker_id, process.pid, slot.start_method)
         return slot
 
     def of_channel(self, channel: ControlChannel) -> WorkerSlot | None:

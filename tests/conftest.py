@@ -17,6 +17,7 @@ import pytest
 from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
+from modelserver.startlock import lock_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +51,21 @@ def wait_for_server(path: str, proc: subprocess.Popen[bytes] | None = None, time
 
 
 def server_processes(path: str) -> list[psutil.Process]:
+    """The model servers of ``path``: ``python -m modelserver serve --socket PATH``, or a
+    server forked from a harness's zygote (named ``beamlet-server``, its command line the
+    harness's) that holds the path's start lock, as a server does for its whole life."""
+    lock = lock_path(path)
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "name"]):
         cmd = p.info["cmdline"] or []
         if "modelserver" in cmd and "serve" in cmd and path in cmd:
             found.append(p)
+        elif p.info["name"] == "beamlet-server":
+            try:
+                if any(f.path == lock for f in p.open_files()):
+                    found.append(p)
+            except psutil.Error:
+                pass
     return found
 
 

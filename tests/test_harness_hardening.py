@@ -23,6 +23,7 @@ import torch
 
 from client import PytorchModelHandlerTensor
 from client.results import ModelMetadata
+from modelserver.channel import Channel
 from modelserver.config import DETERMINISTIC_ENV
 from runtime import (
     CannotStart,
@@ -172,9 +173,10 @@ def test_a_worker_that_dies_while_updates_are_replayed_at_hello_is_replaced(priv
 
 
 # -- 1. deterministic mode --------------------------------------------------------------------
-class WatchServerEnv(Source):
-    """Rows 0..n-1; once half are read, the environment of the model server at ``sock``
-    (started by the run) goes into ``seen``."""
+class WatchServer(Source):
+    """Rows 0..n-1; once half are read, the status of the model server at ``sock``
+    (started by the run: forked, so its /proc environ is the harness's at start) goes
+    into ``seen``."""
 
     def __init__(self, n: int, sock: str, seen: dict[str, Any]):
         self.n, self.sock, self.seen = n, sock, seen
@@ -183,11 +185,13 @@ class WatchServerEnv(Source):
         for i in range(self.n):
             if i == self.n // 2:
                 (server,) = server_processes(self.sock)
-                self.seen.update(server.environ())
+                with Channel(self.sock) as ch:
+                    self.seen.update(ch.request({"op": "status"})["status"])
+                assert self.seen["pid"] == server.pid
             yield i
 
 
-def deterministic_run(path: str, sock: str, n: int, server_env: dict[str, Any]) -> list:
+def deterministic_run(path: str, sock: str, n: int, server_status: dict[str, Any]) -> list:
     """n rows through a large-model MLP with 4 callers (2 workers x 2 threads) sharing the
     server and adaptive batch sizes: what makes batch composition, and so a row's last
     digits, vary between ordinary runs. Each output: (input, output, the worker's
@@ -196,7 +200,7 @@ def deterministic_run(path: str, sock: str, n: int, server_env: dict[str, Any]) 
     handler = PytorchModelHandlerTensor(path, MLP, {}, min_batch_size=1, max_batch_size=64, large_model=True)
     sink = Collect()
     pipeline = (
-        WatchServerEnv(n, sock, server_env)
+        WatchServer(n, sock, server_status)
         | Map(lambda i: xs[i])
         | RunInference(handler)
         | Map(lambda r: (r.example.tolist(), r.inference.tolist(), os.environ.get(DETERMINISTIC_ENV)))
@@ -211,7 +215,7 @@ def test_deterministic_mode_reaches_every_process_the_run_starts(private_dir, so
     model = make_checkpoint(path, seed=3)
     seen: dict[str, Any] = {}
     out = deterministic_run(path, sock_path, 200, seen)
-    assert seen.get(DETERMINISTIC_ENV) == "1", "the model server the run started is not deterministic"
+    assert seen.get("deterministic") is True, "the model server the run started is not deterministic"
     assert {flag for *_, flag in out} == {"1"}, "a forked worker is not deterministic"
     with torch.inference_mode():
         assert_same_output(
@@ -403,8 +407,8 @@ def test_the_control_protocol_table_matches_its_docs_and_the_messages_the_code_s
             continue
         with open(os.path.join(ROOT, "runtime", name)) as f:
             tree = ast.parse(f.read())
-        if name == "serverkeeper.py":
-            continue  # speaks the model server's protocol, not the control protocol
+        if name in ("serverkeeper.py", "zygote.py"):
+            continue  # they speak the model server's protocol and the zygote's, not this one
         direction = control.TO_HARNESS if name == "worker.py" else control.TO_WORKER
         for node in ast.walk(tree):
             if isinstance(node, ast.Dict):

@@ -247,18 +247,25 @@ def test_user_code_that_keeps_raising_fails_the_run_after_retries():
 
 
 PIPELINE_FILE = """
+import time
 import torch
 from client import PytorchModelHandlerTensor
 from runtime import ReadFromJsonLines, WriteToJsonLines, Map, RunInference
 from tests.models import MLP
 
 CKPT = {ckpt!r}
+SLOW = {slow!r}
+
+def parse(row):
+    if SLOW:
+        time.sleep(SLOW)
+    return torch.tensor(row["x"], dtype=torch.float32)
 
 def build_pipeline(input, output):
     handler = PytorchModelHandlerTensor(CKPT, MLP, {{}}, large_model=True, max_batch_size=16)
     return (
         ReadFromJsonLines(input)
-        | Map(lambda row: torch.tensor(row["x"], dtype=torch.float32))
+        | Map(parse)
         | RunInference(handler)
         | Map(lambda r: {{"x": r.example.tolist(), "y": r.inference.tolist(), "model_id": r.model_id}})
         | WriteToJsonLines(output)
@@ -266,10 +273,11 @@ def build_pipeline(input, output):
 """
 
 
-def write_cli_job(private_dir: str, path: str, n: int) -> tuple[str, str, str]:
+def write_cli_job(private_dir: str, path: str, n: int, slow: float = 0.0) -> tuple[str, str, str]:
+    """A pipeline file (each row takes ``slow`` seconds to parse), its input, its output."""
     job = os.path.join(private_dir, "job.py")
     with open(job, "w") as f:
-        f.write(PIPELINE_FILE.format(ckpt=path))
+        f.write(PIPELINE_FILE.format(ckpt=path, slow=slow))
     inp = os.path.join(private_dir, "in.jsonl")
     with open(inp, "w") as f:
         for i in range(n):
@@ -296,16 +304,34 @@ def test_cli_runs_a_pipeline_file_end_to_end(ckpt, private_dir, sock_path):
     assert not os.path.exists(sock_path)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the harness", "SIGINT to its process group (Ctrl-C)"])
+def is_worker(p: psutil.Process) -> bool:
+    """A harness's SDK worker: forked from its zygote, or exec'd (python -m runtime.worker)."""
+    try:
+        return p.name() == "beamlet-worker" or "runtime.worker" in p.cmdline()
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.parametrize(
+    "how,start",
+    [
+        ("SIGTERM to the harness", "fork"),
+        ("SIGINT to its process group (Ctrl-C)", "fork"),
+        ("SIGTERM to the harness", "exec"),
+    ],
+)
 def test_a_signal_stops_the_cli_harness_with_no_orphans_and_no_stale_sockets(
-    ckpt, private_dir, sock_path, how
+    ckpt, private_dir, sock_path, how, start
 ):
     _, path = ckpt
-    job, inp, out = write_cli_job(private_dir, path, 20000)
+    job, inp, out = write_cli_job(private_dir, path, 20000, slow=0.001)  # 5 s at least: still running
+    env = server_env()
+    env["TMPDIR"] = private_dir  # where the run's private directory (its control socket) goes
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime", "run", job, "--input", inp, "--output", out,
-         "--workers", "2", "--threads", "2", "--bundle-size", "8", "--no-progress"],
-        env=server_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--workers", "2", "--threads", "2", "--bundle-size", "8", "--no-progress",
+         *(["--exec-workers"] if start == "exec" else [])],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         process_group=0,  # its own group, as a shell gives a job
     )  # fmt: skip
     sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
@@ -314,13 +340,17 @@ def test_a_signal_stops_the_cli_harness_with_no_orphans_and_no_stale_sockets(
         deadline = time.monotonic() + 120
         while True:  # wait until both workers and the model server are up and working
             family = harness.children(recursive=True)
-            workers = [p for p in family if "runtime.worker" in " ".join(p.cmdline())]
+            workers = [p for p in family if is_worker(p)]
             if len(workers) == 2 and server_processes(sock_path) and os.path.exists(out + ".partial"):
                 break
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the run never got going"
             time.sleep(0.05)
-        control = workers[0].cmdline()[workers[0].cmdline().index("--control") + 1]
+        forked = [w.name() == "beamlet-worker" for w in workers]
+        assert forked == [start == "fork"] * 2, [w.cmdline() for w in workers]
+        (run_dir,) = [d for d in os.listdir(private_dir) if d.startswith("beamlet-run-")]
+        control = os.path.join(private_dir, run_dir, "control.sock")
+        assert os.path.exists(control)
         family = family + server_processes(sock_path)
         if sig == signal.SIGTERM:
             proc.send_signal(sig)
