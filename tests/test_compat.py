@@ -96,7 +96,8 @@ def _held_batcher(tmp, kwargs_list, inputs_list):
     first.start()
     try:
         deadline = time.monotonic() + 10
-        while not batcher.busy and time.monotonic() < deadline:  # poll: the first request is in
+        # poll: the first request is in the model (taken off the queue, held by the gate)
+        while not (batcher.busy and batcher.queued == 0) and time.monotonic() < deadline:
             time.sleep(0.001)
         for i, (x, kw) in enumerate(zip(inputs_list, kwargs_list)):
             batcher.submit(Work(x, kw, reply_to(i)))
