@@ -289,12 +289,14 @@ def poll(condition, timeout: float = 20.0, what: str = "") -> None:
 
 def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bounded_server, workdir):
     """Four clients pipeline 150 requests each (128 KiB, 8 rows apiece: 75 MiB in all) at a
-    model held busy; its queue takes 8 (64 rows, 1 MiB), the rest are refused at once."""
+    model held busy; its queue takes 8 (64 rows, 1 MiB), the rest are refused at once.
+    Merging is off for the model (``max_batch_duration_secs`` 0): the batch the gate holds
+    is then exactly the first request, not however many joined it before it closed."""
     gate = os.path.join(workdir, "flood-gate")
     d_in, n_each, clients = 4096, 150, 4
     spec = spec_of(GatedMLP, gate=gate, d_in=d_in, hidden=8, d_out=4)
     with channel(bounded_server.path) as ch:
-        ch.request(load_request("gated", spec))
+        ch.request({**load_request("gated", spec), "batching": {"max_batch_duration_secs": 0}})
     rss = RssPeak(bounded_server.proc.pid)
     xs = [[torch.randn(8, d_in) for _ in range(n_each)] for _ in range(clients)]
     replies: dict[int, list] = {}
