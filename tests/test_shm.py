@@ -91,7 +91,9 @@ def model_status(path: str, key: str) -> dict:
 
 
 def model_in_flight(path: str, key: str) -> bool:
-    return bool(model_status(path, key)["in_flight"])
+    """Whether a request is in the model: taken off its queue (a batch), not merely queued."""
+    status = model_status(path, key)
+    return bool(status["in_flight"]) and status["queued"] == 0
 
 
 def dev_shm() -> set[str]:
