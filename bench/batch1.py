@@ -11,24 +11,31 @@ from typing import Any
 import torch
 
 
-def worker(conn: Any, barrier: Any, state: str, socket_path: str | None, threads: int, calls: int) -> None:
+def worker(
+    conn: Any, barrier: Any, state: str, socket_path: str | None, threads: int, calls: int, width: int
+) -> None:
     """Build the handler (large_model when ``socket_path`` is given), warm it up, wait for
     every worker at ``barrier``, then make ``threads`` x ``calls`` one-element calls and
-    send back (calls made, start, end) on the machine-wide monotonic clock."""
-    from bench.common import BenchMLP
+    send back (calls made, start, end) on the machine-wide monotonic clock. ``width``:
+    the model is ``WideMLP(width, 4)`` (0: ``BenchMLP``)."""
+    from bench.common import BenchMLP, WideMLP
     from client import PytorchModelHandlerTensor, RunInference
+
+    model_class: Any = WideMLP if width else BenchMLP
+    params = {"width": width, "depth": 4} if width else {}
+    d_in, d_out = (width, width) if width else (512, 16)
 
     try:
         handler = PytorchModelHandlerTensor(
             state,
-            BenchMLP,
-            {},
+            model_class,
+            params,
             max_batch_size=64,
             large_model=socket_path is not None,
             socket_path=socket_path,
         )
         g = torch.Generator().manual_seed(1)
-        xs = [torch.randn(512, generator=g) for _ in range(calls)]
+        xs = [torch.randn(d_in, generator=g) for _ in range(calls)]
         for x in xs[:20]:  # loads the model (here or in the server), warms the path
             list([x] | RunInference(handler))
         done = [0] * threads
@@ -36,7 +43,7 @@ def worker(conn: Any, barrier: Any, state: str, socket_path: str | None, threads
         def work(t: int) -> None:
             for x in xs:
                 (result,) = list([x] | RunInference(handler))
-                done[t] += result.inference.shape[0] == 16
+                done[t] += result.inference.shape[0] == d_out
 
         barrier.wait(120)
         start = time.monotonic()

@@ -270,8 +270,13 @@ class LoadMeter:
         self._own0 = 0.0
 
     def _own_cpu(self) -> float:
-        total = 0.0
-        for p in [self._me, *self._me.children(recursive=True)]:
+        """CPU seconds of this process, its live descendants, and the descendants that
+        already ended and were reaped (the kernel adds those to this process's
+        children_user/children_system: a worker that starts and ends within the window
+        is ours too)."""
+        t = self._me.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for p in self._me.children(recursive=True):
             try:
                 t = p.cpu_times()
                 total += t.user + t.system

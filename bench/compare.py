@@ -15,8 +15,9 @@
 4. memory      4 worker processes using a 256 MiB model via the server (workers + server)
                versus each worker loading it: summed RSS, PSS and USS, and their ratios.
 5. batch-1     4 worker processes x 4 threads, each RunInference call carrying one element
-               (the MLP of 1): calls/s through the model server, which merges them across
-               workers, over the same workers each with the model in-process. Target >= 3x.
+               (WideMLP 2048 x 4, 64 MiB; --b1-width 0: the MLP of 1): calls/s through the
+               model server, which merges them across workers, over the same workers each
+               with the model in-process. Target >= 3x.
 
 Progress goes to stderr, the table to stdout, and every figure to
 ``bench/results/compare-<time>.json``.
@@ -537,10 +538,13 @@ def _memory_run(
 def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -> None:
     from bench import batch1
 
-    procs, threads, calls = args.b1_workers, args.b1_threads, args.b1_calls
+    procs, threads, calls, width = args.b1_workers, args.b1_threads, args.b1_calls, args.b1_width
     with common.private_dir() as directory, common.model_server(*args.server_args) as srv:
         state = os.path.join(directory, "mlp.pt")
-        common.save_state_dict(BenchMLP, {}, state)
+        if width:
+            common.save_state_dict(WideMLP, {"width": width, "depth": 4}, state)
+        else:
+            common.save_state_dict(BenchMLP, {}, state)
         kinds = {"server": srv.path, "in_process": None}
         rates: dict[str, list[float]] = {k: [] for k in kinds}
         load: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
@@ -548,7 +552,7 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
         for r in range(args.repeats):
             for name in list(kinds) if r % 2 == 0 else list(reversed(kinds)):
                 meter = common.LoadMeter().start()
-                total, seconds = _batch1_run(batch1.worker, state, kinds[name], procs, threads, calls)
+                total, seconds = _batch1_run(batch1.worker, state, kinds[name], procs, threads, calls, width)
                 load[name].append(meter.stop())
                 rates[name].append(total / seconds)
                 if name == "server":
@@ -565,6 +569,7 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
         "workers": procs,
         "threads": threads,
         "calls_per_thread": calls,
+        "model": f"WideMLP({width}, 4)" if width else "BenchMLP",
         "calls_per_second": rates,
         "calls_per_second_median": rate,
         "ratio_server_over_in_process": ratio,
@@ -578,7 +583,9 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
     report.rows.append(
         Row(
             "5",
-            f"batch-1 calls/s, {procs} workers x {threads} threads, via server",
+            f"batch-1 calls/s, {procs} workers x {threads} threads, "
+            + (f"WideMLP {width}x4" if width else "MLP")
+            + ", via server",
             f"{rate['server']:,.0f}/s",
             f"in-process {rate['in_process']:,.0f}/s",
             ratio,
@@ -598,7 +605,13 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
 
 
 def _batch1_run(
-    target: Callable[..., None], state: str, path: str | None, procs: int, threads: int, calls: int
+    target: Callable[..., None],
+    state: str,
+    path: str | None,
+    procs: int,
+    threads: int,
+    calls: int,
+    width: int,
 ) -> tuple[int, float]:
     """One run: ``procs`` spawned workers start together; (calls made, seconds from the
     first worker's start to the last one's end)."""
@@ -609,7 +622,9 @@ def _batch1_run(
         for i in range(procs):
             parent, child = ctx.Pipe()
             p = ctx.Process(
-                target=target, args=(child, barrier, state, path, threads, calls), name=f"bench-batch1-{i}"
+                target=target,
+                args=(child, barrier, state, path, threads, calls, width),
+                name=f"bench-batch1-{i}",
             )
             p.start()
             child.close()
@@ -706,7 +721,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=4096, help="memory model width (4 layers; 4096 = 256 MiB)")
     p.add_argument("--b1-workers", type=int, default=4, help="worker processes in the batch-1 benchmark")
     p.add_argument("--b1-threads", type=int, default=4, help="threads per worker in the batch-1 benchmark")
-    p.add_argument("--b1-calls", type=int, default=150, help="one-element calls per thread (batch-1)")
+    p.add_argument("--b1-calls", type=int, default=100, help="one-element calls per thread (batch-1)")
+    p.add_argument(
+        "--b1-width",
+        type=int,
+        default=2048,
+        help="batch-1 model: WideMLP of 4 square layers this wide (2048: 64 MiB); 0: the MLP of 1",
+    )
     p.add_argument("--out", default=None, help="JSON path (default bench/results/compare-<time>.json)")
     p.add_argument(
         "--wait-quiet",
