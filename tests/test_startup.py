@@ -267,6 +267,19 @@ def test_a_run_whose_zygote_is_killed_fails_saying_so_and_leaves_no_worker(priva
     assert not alive
 
 
+def open_fds(pid: int) -> dict[int, str]:
+    """What process ``pid`` has open, by descriptor. A live server opens and closes
+    descriptors meanwhile (a probe's connection, a file torch reads): one that closed
+    between the listing and its readlink is left out."""
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+    return fds
+
+
 def test_a_server_forked_from_the_zygote_holds_nothing_of_the_harness(private_dir):
     """A session of its own, its log as stdout and stderr, the start lock, and none of the
     descriptors its zygote inherited (a file and a listening socket of the "harness")."""
@@ -287,9 +300,7 @@ def test_a_server_forked_from_the_zygote_holds_nothing_of_the_harness(private_di
         proc = psutil.Process(server.pid)
         assert proc.name() == "beamlet-server" and os.getsid(server.pid) == server.pid
         assert proc.ppid() == z.pid
-        fds = {
-            int(fd): os.readlink(f"/proc/{server.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{server.pid}/fd")
-        }
+        fds = open_fds(server.pid)
         assert fds[1] == fds[2] == autostart.log_path(path) and fds[0] == os.devnull
         assert lock_path(path) in fds.values()
         inherited = {os.readlink(f"/proc/self/fd/{f.fileno()}") for f in (harness_file, harness_sock)}
