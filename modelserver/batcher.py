@@ -159,7 +159,6 @@ class Batcher:
         self,
         name: str,
         model: loaders.LoadedModel,
-        max_merge_rows: int | None = None,
         *,
         on_idle: Callable[[], None] | None = None,
         on_oom: Callable[[], None] | None = None,
@@ -169,7 +168,7 @@ class Batcher:
         batching: Batching | None = None,
     ):
         """``merge=False`` (the deterministic mode) never merges, whatever ``batching``
-        says; ``max_merge_rows`` overrides ``batching.max_rows``."""
+        says."""
         self.name = name
         self.model: loaders.LoadedModel = model
         self.model_id = model.model_id
@@ -177,10 +176,7 @@ class Batcher:
         self.nbytes = model.nbytes
         self._on_idle = on_idle
         self._on_oom = on_oom
-        batching = batching or Batching()
-        if max_merge_rows:
-            batching = Batching(max_merge_rows, batching.delay)
-        self.batching = batching
+        self.batching = batching or Batching()
         self.stats = stats if stats is not None else BatchStats()
         self.limits = limits or QueueLimits()
         self.merge = merge
@@ -226,10 +222,6 @@ class Batcher:
                 "queued_rows": self._queued_rows,
                 "queued_bytes": self._queued_bytes,
             }
-
-    @property
-    def max_merge_rows(self) -> int:
-        return self.batching.max_rows
 
     def configure(self, batching: Batching) -> None:
         """Take new batching settings (a handler registered the model again)."""
