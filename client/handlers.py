@@ -14,6 +14,8 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from client.base import ConfigurationError, ModelHandler
 from client.remote import RemoteModel
 from client.results import PredictionResult
@@ -106,9 +108,75 @@ def _call_method(
                 **{k: v.to(device) if local else v for k, v in named.items()}, **(inference_args or {})
             )
         else:
-            batched = torch.stack([torch.as_tensor(x) for x in batch])
+            batched = stack_rows(batch)
             predictions = fn(batched.to(device) if local else batched, **(inference_args or {}))
     return _pair(batch, predictions, model_id or _remote_id(model))
+
+
+def stack_rows(batch: Sequence[Any]) -> Any:
+    """``torch.stack`` of the batch's rows, without the copy when they are consecutive
+    rows of one array: a bundle read from a ``.npy`` file arrives in a worker as one array
+    (``runtime.rows``), and each batch of it is then a slice of that array."""
+    import torch
+
+    view = _consecutive_rows(batch)
+    if view is not None:
+        return view
+    return torch.stack([torch.as_tensor(x) for x in batch])
+
+
+def _consecutive_rows(batch: Sequence[Any]) -> Any:
+    """A tensor viewing the rows when they lie back to back, in order, in one numpy
+    array or one tensor storage; None otherwise."""
+    import torch
+
+    first = batch[0] if len(batch) else None
+    if type(first) is np.ndarray and first.flags.c_contiguous and first.flags.writeable:
+        base = first.base
+        if type(base) is not np.ndarray or not base.flags.c_contiguous or first.dtype.hasobject:
+            return None
+        step, start = first.nbytes, first.__array_interface__["data"][0]
+        lo = base.__array_interface__["data"][0]
+        if step == 0 or start + step * len(batch) > lo + base.nbytes:
+            return None
+        for i, x in enumerate(batch):
+            if not (
+                type(x) is np.ndarray
+                and x.base is base
+                and x.shape == first.shape
+                and x.dtype == first.dtype
+                and x.__array_interface__["data"][0] == start + i * step
+            ):
+                return None
+        try:
+            return torch.from_numpy(
+                base.reshape(-1)
+                .view(np.uint8)[start - lo : start - lo + step * len(batch)]
+                .view(first.dtype)
+                .reshape((len(batch), *first.shape))
+            )
+        except (TypeError, ValueError):  # a dtype torch does not have
+            return None
+    if isinstance(first, torch.Tensor) and first.layout == torch.strided and first.is_contiguous():
+        storage, numel, offset = first.untyped_storage().data_ptr(), first.numel(), first.storage_offset()
+        for i, x in enumerate(batch):
+            if not (
+                type(x) is type(first)
+                and x.shape == first.shape
+                and x.dtype == first.dtype
+                and x.device == first.device
+                and x.is_contiguous()
+                and x.untyped_storage().data_ptr() == storage
+                and x.storage_offset() == offset + i * numel
+            ):
+                return None
+        if numel == 0:
+            return None
+        try:
+            return first.as_strided((len(batch), *first.shape), (numel, *first.stride()), offset)
+        except RuntimeError:  # beyond the storage
+            return None
+    return None
 
 
 def _remote_id(model: Any) -> str | None:

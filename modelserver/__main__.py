@@ -110,8 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="torch's intra-op threads for every forward pass (default: torch's, one per core "
-        "this process may use)",
+        help="the intra-op threads a CPU model's forwards share: one forward alone uses them "
+        "all, n at once a share each (default: torch's, one per core this process may use)",
+    )
+    serve.add_argument(
+        "--compute-threads",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="how many forwards of one CPU model may run at once, each on its own thread "
+        "(default: as many as --threads; 1: one forward at a time over all threads)",
     )
     serve.add_argument(
         "--heartbeat",
@@ -200,7 +208,7 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         print(f"modelserver: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
-    server.warm_up(threads=args.threads)
+    server.warm_up(threads=args.threads, compute_threads=args.compute_threads)
     server.serve_forever()
     return 0
 

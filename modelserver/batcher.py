@@ -16,9 +16,16 @@ model in the last ``ACTIVE_WINDOW`` seconds, and goes as soon as every such call
 request in it: a lone caller never waits, and batch-1 traffic from many workers and
 threads is computed in large batches. ``max_batch_duration_secs=0`` turns merging off.
 
-Forwards run only on the model's batcher thread, never on a connection's reader: the
-threads that compute (and the OpenMP teams torch starts for them) are one per loaded
-model, however many clients connect. A request that finds the model idle holds its
+Forwards run only on the model's compute threads, never on a connection's reader: the
+threads that compute (and the OpenMP teams torch starts for them) are a fixed few per
+loaded model (``Compute``), however many clients connect. A CPU model has
+``Compute.threads`` of them sharing ``Compute.cores`` intra-op threads: a batch that runs
+alone uses every core, n batches at once use ``cores // n`` each (torch's thread count
+is per calling thread), so concurrent callers get one single-threaded forward per core,
+which on CPU outruns one forward over all cores (docs/benchmarks.md). Only one thread at
+a time gathers a batch, so two threads never split what one would merge. A GPU model,
+and every model in the deterministic mode, has one compute thread and torch's threads as
+they are. A request that finds a compute thread free and nothing queued holds its
 connection's reader until its forward is done, as if the reader ran it: a lone client's
 pipelined requests then go one at a time instead of filling the queue. ``busy`` tells
 the manager whether the model is in use.
@@ -65,6 +72,21 @@ class QueueLimits:
     def hold(self, rows: int, nbytes: int) -> bool:
         """Whether a queue may hold ``rows`` rows and ``nbytes`` bytes in all."""
         return rows <= self.rows and nbytes <= self.nbytes
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The CPU threads of a model's forwards: ``threads`` compute threads sharing ``cores``
+    intra-op threads (None: torch's own setting, left alone)."""
+
+    threads: int = 1
+    cores: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or (self.cores is not None and self.cores < 1):
+            raise ValueError(
+                f"compute threads and cores must be at least 1, got {self.threads}, {self.cores}"
+            )
 
 
 @dataclass(frozen=True)
@@ -166,9 +188,10 @@ class Batcher:
         limits: QueueLimits | None = None,
         merge: bool = True,
         batching: Batching | None = None,
+        compute: Compute | None = None,
     ):
         """``merge=False`` (the deterministic mode) never merges, whatever ``batching``
-        says."""
+        says, and computes on one thread with torch's threads as they are."""
         self.name = name
         self.model: loaders.LoadedModel = model
         self.model_id = model.model_id
@@ -184,19 +207,28 @@ class Batcher:
         self._queued_rows = 0
         self._queued_bytes = 0
         self._cond = threading.Condition()
-        self._busy = False
+        compute = compute or Compute()
+        cpu = str(model.device) == "cpu"
+        self._threads_n = compute.threads if merge and cpu else 1
+        self._cores = compute.cores if merge and cpu else None
+        self._running = 0  # batches being computed (or gathered) now
+        self._gathering = False  # a thread is gathering a batch: the others wait
         self._callers: dict[int, float] = {}  # caller -> when it last sent a request
         self._pins = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(self._threads_n)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def busy(self) -> bool:
         """True while a batch runs, requests wait, or a request is on its way in (pinned):
         the model is in use and must not be evicted."""
         with self._cond:
-            return self._busy or bool(self._queue) or self._pins > 0
+            return self._running > 0 or bool(self._queue) or self._pins > 0
 
     def pin(self) -> None:
         """Hold the model in use between looking it up and submitting to it."""
@@ -206,7 +238,7 @@ class Batcher:
     def unpin(self) -> None:
         with self._cond:
             self._pins -= 1
-            idle = not (self._busy or self._queue or self._pins)
+            idle = not (self._running or self._queue or self._pins)
         if idle and self._on_idle is not None:
             self._on_idle()
 
@@ -221,13 +253,16 @@ class Batcher:
                 "queued": len(self._queue),
                 "queued_rows": self._queued_rows,
                 "queued_bytes": self._queued_bytes,
+                "running": self._running,
+                "in_flight": len(self._queue) + self._running,
+                "compute_threads": self._threads_n,
             }
 
     def configure(self, batching: Batching) -> None:
         """Take new batching settings (a handler registered the model again)."""
         with self._cond:
             self.batching = batching
-            self._cond.notify()
+            self._cond.notify_all()
 
     def submit(self, work: Work) -> None:
         """Queue a request for the batcher thread, or refuse it with Overloaded when the
@@ -237,17 +272,17 @@ class Batcher:
             if self._stopping:
                 raise InternalError(f"model {self.name} is being unloaded")
             work.model_id = self.model_id
-            if not (self._busy or self._queue):
+            if self._running < self._threads_n and not self._queue:
                 work.done = threading.Event()
             self._admit(work)
             self._queue.append(work)
             self._queued_rows += work.rows
             self._queued_bytes += work.nbytes
             self._callers[work.caller] = work.enqueued
-            self._cond.notify()
+            self._cond.notify_all()
         if work.done is not None:
             while not work.done.wait(1.0):
-                if not self._thread.is_alive():
+                if not any(t.is_alive() for t in self._threads):
                     return  # drained or unloaded meanwhile: nothing will run it now
 
     def _admit(self, work: Work) -> None:
@@ -270,10 +305,10 @@ class Batcher:
             self._run(batch)
         finally:
             with self._cond:
-                self._busy = False
+                self._running -= 1
                 self.stats.busy_seconds += time.monotonic() - started
-                idle = not self._queue
-                for work in batch:  # after _busy: a reader that waited finds the model idle
+                idle = not self._queue and not self._running
+                for work in batch:  # after _running: a reader that waited finds a thread free
                     if work.done is not None:
                         work.done.set()
             if idle and self._on_idle is not None:
@@ -283,18 +318,27 @@ class Batcher:
         """Stop taking work, finish what is queued, and end the thread. True when done."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
             return False
         self.__dict__.pop("model", None)  # the model's memory goes with the last reference
         return True
 
     def _loop(self) -> None:
+        intra_op: int | None = None  # this thread's torch threads, as last set
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
+            if self._cores is not None:
+                with self._cond:
+                    want = max(1, self._cores // self._running)
+                if want != intra_op:
+                    _set_torch_threads(want)
+                    intra_op = want
             self._run_timed(batch)
             # Drop the batch before waiting for the next: its requests' inputs may be views
             # of a client's shared memory, which must go with the client.
@@ -303,16 +347,21 @@ class Batcher:
     def _next_batch(self) -> list[Work] | None:
         """Wait for work and take the next batch (None: drained, stop)."""
         with self._cond:
-            while not (self._queue or self._stopping):
+            while not ((self._queue and not self._gathering) or (self._stopping and not self._queue)):
                 self._cond.wait()
             if not self._queue:
                 return None
             first = self._queue.popleft()
             self._dequeued(first)
             batch = [first]
-            self._busy = True  # from here on the model is in use, waiting included
+            self._running += 1  # from here on the model is in use, waiting included
             if self.merge and self.batching.merges and first.signature is not None:
-                self._fill(batch)
+                self._gathering = True
+                try:
+                    self._fill(batch)
+                finally:
+                    self._gathering = False
+                    self._cond.notify_all()
             return batch
 
     def _dequeued(self, work: Work) -> None:
@@ -381,7 +430,8 @@ class Batcher:
             try:
                 out = self._run_one(work)
             except Exception as exc:
-                self.stats.errors += 1
+                with self._cond:
+                    self.stats.errors += 1
                 work.finish(None, _as_error(exc, self.name))
             else:
                 work.finish(out, None)
@@ -397,9 +447,18 @@ class Batcher:
         return loaders.run(self.model, work.inputs, work.kwargs, work.method)
 
     def _account(self, batch: list[Work], batches: int) -> None:
-        self.stats.batches += batches
-        self.stats.requests += len(batch)
-        self.stats.rows += sum(_rows(w.inputs) or 0 for w in batch)
+        rows = sum(_rows(w.inputs) or 0 for w in batch)
+        with self._cond:
+            self.stats.batches += batches
+            self.stats.requests += len(batch)
+            self.stats.rows += rows
+
+
+def _set_torch_threads(n: int) -> None:
+    """torch's intra-op threads for the calling thread (OpenMP's setting is per thread)."""
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _as_error(exc: BaseException, name: str) -> BeamletError:

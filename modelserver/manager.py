@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelserver import loaders, memory, swap
-from modelserver.batcher import MIN_RETRY_AFTER, Batcher, Batching, BatchStats, QueueLimits, Work
+from modelserver.batcher import MIN_RETRY_AFTER, Batcher, Batching, BatchStats, Compute, QueueLimits, Work
 from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
 from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
@@ -50,6 +50,16 @@ log = logging.getLogger("beamlet.manager")
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_LOAD_WAIT = 30.0
 MAX_RELOADS = 5  # a request whose model is evicted again before it runs, this many times, fails
+
+
+_NO_QUEUE = {
+    "queued": 0,
+    "queued_rows": 0,
+    "queued_bytes": 0,
+    "running": 0,
+    "in_flight": 0,
+    "compute_threads": 0,
+}
 
 
 @dataclass
@@ -106,6 +116,7 @@ class ModelManager:
         self.host = host or memory.HostMemory()
         self.limits = limits or QueueLimits()
         self.deterministic = deterministic
+        self.compute = Compute()  # the server sets it as it warms up
         self._batching: dict[str, Batching] = {}  # per key, as its handlers last asked
         self.budget_bytes = budget_bytes
         self.gpu_fraction = gpu_fraction
@@ -307,6 +318,7 @@ class ModelManager:
         return self.pressure.evictions
 
     def status(self) -> list[dict[str, Any]]:
+        """Each model's state and counters (docs/operations.md names every field)."""
         now = time.monotonic()
         with self._lock:
             slots = list(self._slots.values())
@@ -325,8 +337,7 @@ class ModelManager:
                     "footprint": s.footprint,
                     "measured": s.measured,
                     "nvml_delta": s.nvml_delta,
-                    "in_flight": b.queued + int(b.busy) if b else 0,
-                    **(b.queue_state() if b else {"queued": 0, "queued_rows": 0, "queued_bytes": 0}),
+                    **(b.queue_state() if b else _NO_QUEUE),
                     "waiting_for_load": len(waiting.get(s.key, ())),
                     "idle_seconds": round(now - s.last_used, 3),
                     "priority": self._policy(s.device).priority(s.key),
@@ -435,6 +446,7 @@ class ModelManager:
                 limits=self.limits,
                 merge=not self.deterministic,
                 batching=self._batching.get(key),
+                compute=self.compute,
             )
             slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
             slot.batch_stats = batch_stats

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from modelserver import config, loaders, memory, protocol, serverlog, wire
-from modelserver.batcher import Work
+from modelserver.batcher import Compute, Work
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL, Connection
 from modelserver.errors import BadRequest, BeamletError, InternalError
 from modelserver.manager import ModelManager
@@ -116,18 +116,26 @@ class ModelServer:
             config.format_size(self.manager.budget_bytes) if self.manager.budget_bytes else "none",
         )
 
-    def warm_up(self, threads: int | None = None) -> None:
+    def warm_up(self, threads: int | None = None, compute_threads: int | None = None) -> None:
         """Import torch and run one tiny op before serving, so the first model's measured
         footprint is the model's and not torch's own start-up allocations; then freeze
-        the collector's view of everything that exists so far. ``threads``: torch's
-        intra-op threads (None: torch's default)."""
+        the collector's view of everything that exists so far. ``threads``: the intra-op
+        threads all of a CPU model's forwards share (None: torch's default, one per core
+        this process may use); ``compute_threads``: how many forwards of one CPU model
+        may run at once (None: as many as ``threads``). See ``batcher.Compute``."""
         import gc
 
         import torch
 
         if threads is not None:
             torch.set_num_threads(threads)
-        log.info("forward passes use %d intra-op threads", torch.get_num_threads())
+        cores = torch.get_num_threads()
+        self.manager.compute = Compute(compute_threads or cores, cores)
+        log.info(
+            "CPU forward passes share %d intra-op threads, at most %d forwards of a model at once",
+            cores,
+            self.manager.compute.threads,
+        )
 
         memory.Nvml.module()  # NVML's one-time set-up (and its note) now, outside any lock
         if self.manager.deterministic:

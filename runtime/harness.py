@@ -30,7 +30,6 @@ and remove the control socket and its directory.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -40,14 +39,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
-from runtime import computethreads, startup
+from runtime import computethreads, rows, startup
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
@@ -151,7 +152,7 @@ class Harness:
         source = pipeline.source
         source.check()
         sink.check()
-        run = _Run(self, pipeline, cut_bundles(source.read(), self.bundle_size), sink, total=source.count())
+        run = _Run(self, pipeline, source.bundles(self.bundle_size), sink, total=source.count())
         return run.execute()
 
     def process(self, bundles: Iterable[Iterable[Any]], pipeline: Pipeline | Any) -> Iterator[BundleResult]:
@@ -176,14 +177,6 @@ class Harness:
         self._stop_signal = signum
 
 
-def cut_bundles(elements: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Bundles of ``size`` elements (the last may be short): cut by count alone, so the
-    same input is cut the same way in every run."""
-    it = iter(elements)
-    while bundle := list(itertools.islice(it, size)):
-        yield bundle
-
-
 class _Run:
     """One execution: the arbiter's main loop, wiring events to the ledger and workers."""
 
@@ -191,7 +184,7 @@ class _Run:
         self,
         harness: Harness,
         pipeline: Pipeline,
-        bundles: Iterator[list[Any]],
+        bundles: Iterator[Sequence[Any] | np.ndarray],
         sink: Sink,
         total: int | None,
     ):
@@ -392,7 +385,7 @@ class _Run:
                     "op": "bundle",
                     "bundle": bundle.index,
                     "attempt": bundle.attempt,
-                    "elements": bundle.elements,
+                    "elements": rows.pack(bundle.elements),
                 }
                 try:
                     slot.channel.send(message)
@@ -478,7 +471,7 @@ class _Run:
 
     def _complete(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         index = int(message.get("bundle", -1))
-        outputs = list(message.get("outputs") or [])
+        outputs = rows.unpack(message.get("outputs") or [])
         dead = list(message.get("dead_letters") or [])
         if not self.ledger.complete(slot.worker_id, index, message.get("attempt"), outputs, dead):
             return  # a superseded attempt

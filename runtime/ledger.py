@@ -23,9 +23,11 @@ re-run bundle count once. A bundle has ``max_attempts`` attempts, lost or failed
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 class BundleExhausted(Exception):
@@ -37,7 +39,7 @@ class Bundle:
     """One bundle: its place in the input, its elements, and how its attempts went."""
 
     index: int
-    elements: list[Any]
+    elements: Sequence[Any] | np.ndarray  # a list, or a bundle's rows as one array
     attempt: int = 0
     losses: list[str] = field(default_factory=list)  # why each earlier attempt ended
 
@@ -73,7 +75,7 @@ class BundleLedger:
         held = len(self.pending) + len(self.running) + len(self.done)
         return not self.input_exhausted and held < self.window
 
-    def admit(self, elements: list[Any]) -> Bundle:
+    def admit(self, elements: Sequence[Any] | np.ndarray) -> Bundle:
         bundle = Bundle(self.next_index, elements)
         self.next_index += 1
         self.pending.append(bundle)

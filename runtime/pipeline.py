@@ -17,10 +17,11 @@ element-wise steps map each element, RunInference batches the bundle's elements.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,14 @@ class Source:
     def read(self) -> Iterator[Any]:
         raise NotImplementedError
 
+    def bundles(self, size: int) -> Iterator[Sequence[Any] | np.ndarray]:
+        """The elements cut into bundles of ``size`` (the last may be short), by count
+        alone, so the same input is cut the same way in every run. A source whose
+        elements are rows of one array yields each bundle as one array."""
+        it = iter(self.read())
+        while bundle := list(itertools.islice(it, size)):
+            yield bundle
+
     def check(self) -> None:
         """Raise CannotStart, in one line, if ``read()`` cannot work (a missing file).
         The harness calls it before it starts any process."""
@@ -201,6 +210,13 @@ class ReadFromNpy(_FileSource):
         arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
         for i in range(arr.shape[0]):
             yield np.array(arr[i])
+
+    def bundles(self, size: int) -> Iterator[np.ndarray]:
+        """Each bundle one slice of the array, read at once: it travels to a worker as one
+        buffer and its rows are views of it there (``runtime.rows``)."""
+        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        for start in range(0, arr.shape[0], size):
+            yield np.array(arr[start : start + size])
 
     def count(self) -> int | None:
         return int(np.load(self.path, mmap_mode="r", allow_pickle=False).shape[0])

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from client import refresh
-from runtime import computethreads
+from runtime import computethreads, rows
 from runtime.computethreads import ComputeThreads
 from runtime.control import (
     EXIT_BOOT_FAILED,
@@ -137,12 +137,12 @@ class Worker:
     def _run_bundle(self, message: dict[str, Any]) -> None:
         bundle_id, attempt = message["bundle"], message["attempt"]
         try:
-            out = process_bundle(self.steps, list(message["elements"]))
+            out = process_bundle(self.steps, rows.unpack(message["elements"]))
             reply = {
                 "op": "result",
                 "bundle": bundle_id,
                 "attempt": attempt,
-                "outputs": out.outputs,
+                "outputs": rows.pack(out.outputs),
                 "dead_letters": out.dead_letters,
                 "metrics": {k: m.to_wire() for k, m in out.metrics.items()},
             }

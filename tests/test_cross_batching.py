@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,9 +86,10 @@ def test_a_lone_caller_never_waits_for_the_queue_delay(sock_path, private_dir):
 
 def test_batches_never_pass_the_handlers_max_batch_size(sock_path, private_dir):
     """Two callers pipeline 3-row requests at a held model whose handler allows 4 rows a
-    batch: no forward pass ever sees more than one request."""
+    batch: no forward pass ever sees more than one request. (One compute thread, so that
+    all but the held request queue where they could merge.)"""
     gate = os.path.join(private_dir, "gate")
-    srv = start_server(sock_path)
+    srv = start_server(sock_path, "--compute-threads", "1")
     spec = ModelSpec("pytorch_state_dict", None, userclass.describe(GatedMLP), {"gate": gate})
     batching = {"max_batch_size": 4, "max_batch_duration_secs": 0.05}
     xs = [[torch.randn(3, 8) for _ in range(5)] for _ in range(2)]
@@ -170,5 +172,56 @@ def test_forwards_run_on_the_models_thread_not_on_one_team_per_connection(sock_p
         for ch in chans:
             ch.close()
         assert grown <= 4, f"the server gained {grown} threads while {n} connections ran forwards"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("compute_threads", [1, 2])
+def test_forwards_of_one_model_run_on_as_many_compute_threads_as_the_server_is_given(
+    sock_path, private_dir, compute_threads
+):
+    """Two callers' requests at a held model: with two compute threads both are computed
+    at once (each on its own thread), with one the second waits; every reply is its own."""
+    gate = os.path.join(private_dir, "gate")
+    srv = start_server(sock_path, "--threads", "2", "--compute-threads", str(compute_threads))
+    spec = ModelSpec("pytorch_state_dict", None, userclass.describe(GatedMLP), {"gate": gate})
+    xs = [torch.randn(3, 8) for _ in range(2)]
+    out: dict[int, Any] = {}
+
+    def send(c: int) -> None:
+        with Channel(sock_path) as ch:
+            out[c] = ch.request({"op": "infer", "key": "g", "inputs": xs[c]})["outputs"]
+
+    try:
+        with Channel(sock_path) as ch:
+            ch.request(
+                {"op": "load", "key": "g", "spec": spec.to_wire(), "batching": {"max_batch_duration_secs": 0}}
+            )
+        threads = [threading.Thread(target=send, args=(c,)) for c in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 20
+            # both requests arrived and the threads took what they can: K running, the rest queued
+            while not (
+                (stats := model_stats(sock_path))["in_flight"] == 2 and stats["running"] == compute_threads
+            ):
+                assert time.monotonic() < deadline, stats
+                time.sleep(0.01)
+            assert stats["compute_threads"] == compute_threads and stats["queued"] == 2 - compute_threads, (
+                stats
+            )
+            for _ in range(5):  # and stays so while the gate holds them
+                stats = model_stats(sock_path)
+                assert stats["running"] == compute_threads and stats["in_flight"] == 2, stats
+        finally:
+            open(gate, "w").close()
+            for t in threads:
+                t.join(30)
+        reference = GatedMLP(gate=gate).eval()
+        with torch.inference_mode():
+            for c in range(2):
+                torch.testing.assert_close(out[c], reference(xs[c]), rtol=0, atol=TOLERANCE)
+        assert model_stats(sock_path)["running"] == 0
     finally:
         srv.stop()
