@@ -289,7 +289,8 @@ def poll(condition, timeout: float = 20.0, what: str = "") -> None:
 
 def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bounded_server, workdir):
     """Four clients pipeline 150 requests each (128 KiB, 8 rows apiece: 75 MiB in all) at a
-    model held busy; its queue takes 8 (64 rows, 1 MiB), the rest are refused at once.
+    model held busy (a request on each compute thread); its queue takes 8 (64 rows, 1 MiB),
+    the rest are refused at once.
     Merging is off for the model (``max_batch_duration_secs`` 0): the batch the gate holds
     is then exactly the first request, not however many joined it before it closed."""
     gate = os.path.join(workdir, "flood-gate")
@@ -297,6 +298,8 @@ def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bou
     spec = spec_of(GatedMLP, gate=gate, d_in=d_in, hidden=8, d_out=4)
     with channel(bounded_server.path) as ch:
         ch.request({**load_request("gated", spec), "batching": {"max_batch_duration_secs": 0}})
+    compute_threads = model_status(bounded_server.path, "gated")["compute_threads"]
+    assert 1 <= compute_threads < clients
     rss = RssPeak(bounded_server.proc.pid)
     xs = [[torch.randn(8, d_in) for _ in range(n_each)] for _ in range(clients)]
     replies: dict[int, list] = {}
@@ -311,9 +314,10 @@ def test_a_flood_is_refused_with_overloaded_and_every_request_gets_one_reply(bou
     try:
         for t in threads:
             t.start()
-        # one request runs (held by the gate) for the reader of the connection it came on,
-        # which reads no further; the other three connections are read to the end
-        refused = (clients - 1) * n_each - QUEUE_ROWS // 8
+        # one request per compute thread runs (held by the gate) for the reader of the
+        # connection it came on, which reads no further; the other connections are read
+        # to the end
+        refused = (clients - compute_threads) * n_each - QUEUE_ROWS // 8
         poll(lambda: model_status(bounded_server.path, "gated")["overloaded"] >= refused, what="the refusals")
         held = model_status(bounded_server.path, "gated")
         assert held["queued_rows"] == QUEUE_ROWS and held["queued_bytes"] == QUEUE_BYTES

@@ -4,6 +4,7 @@ servers and clients (round trips in every dtype, forged descriptors, killed peer
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -88,6 +89,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> 
 def model_status(path: str, key: str) -> dict:
     with Channel(path, shm_bytes=0) as ch:
         return next(m for m in ch.request({"op": "status"})["status"]["models"] if m["key"] == key)
+
+
+def model_running(path: str, key: str, n: int) -> bool:
+    return model_status(path, key)["running"] == n
 
 
 def model_in_flight(path: str, key: str) -> bool:
@@ -409,21 +414,27 @@ def test_requests_in_shared_memory_merge_with_each_other(identity, private_dir):
         with attached_channel(identity.path) as ch:
             got[i] = ch.request({"op": "infer", "key": "merge", "inputs": xs[i]})["outputs"]
 
-    threads = [threading.Thread(target=send, args=(0,))]
-    threads[0].start()
+    k = model_status(identity.path, "merge")["compute_threads"]  # requests the gate holds at once
+    xs += [torch.randn(64, 4096) for _ in range(k - 1)]
+    threads: list[threading.Thread] = []
     try:
-        wait_until(lambda: model_in_flight(identity.path, "merge"), 30, "the first request to hold the model")
-        threads += [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
-        for t in threads[1:]:
+        for i in range(k):  # one at a time, each held alone on a compute thread
+            threads.append(threading.Thread(target=send, args=(i,)))
+            threads[-1].start()
+            wait_until(
+                functools.partial(model_running, identity.path, "merge", i + 1), 30, "the gate to hold it"
+            )
+        threads += [threading.Thread(target=send, args=(i,)) for i in (k, k + 1)]
+        for t in threads[k:]:
             t.start()
         wait_until(lambda: model_status(identity.path, "merge")["queued"] == 2, 30, "two requests to queue")
     finally:
         open(gate, "w").close()
         for t in threads:
             t.join(30)
-    assert all(torch.equal(got[i], xs[i]) for i in range(3))
+    assert all(torch.equal(got[i], xs[i]) for i in range(k + 2))
     stats = model_status(identity.path, "merge")
-    assert (stats["requests"], stats["batches"]) == (3, 2)  # the two queued ones ran as one batch
+    assert (stats["requests"], stats["batches"]) == (k + 2, k + 1)  # the two queued ones ran as one batch
 
 
 def test_outputs_that_are_inputs_are_handed_back_without_a_copy(identity):
