@@ -52,7 +52,7 @@ from runtime import computethreads, rows, startup
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
-from runtime.pipeline import Collect, Pipeline, Sink
+from runtime.pipeline import Collect, Pipeline, Sink, SourceBundle
 from runtime.serverkeeper import ServerKeeper, ServerStartFailed, server_path_for
 from runtime.summary import RunSummary
 from runtime.updates import ModelUpdateFeed
@@ -184,7 +184,7 @@ class _Run:
         self,
         harness: Harness,
         pipeline: Pipeline,
-        bundles: Iterator[Sequence[Any] | np.ndarray],
+        bundles: Iterator[Sequence[Any] | np.ndarray | SourceBundle],
         sink: Sink,
         total: int | None,
     ):
@@ -363,15 +363,23 @@ class _Run:
     def _read_input(self) -> None:
         while self.ledger.has_room():
             try:
-                elements = next(self.bundles)
+                bundle = next(self.bundles)
             except StopIteration:
                 self.ledger.end_of_input()
                 return
             except Exception as exc:  # the source itself (a line that is not JSON, a lost file)
                 self._fail(f"reading the input failed: {type(exc).__name__}: {exc}")
                 return
-            self.ledger.admit(elements)
-            self.summary.elements_in += len(elements)
+            if isinstance(bundle, SourceBundle):
+                if not len(bundle.elements):
+                    if bundle.ack is not None:  # nothing to compute: committed as it is
+                        self.sink.commit([], [], [bundle.ack], self.pipeline.source)
+                    continue
+                self.ledger.admit(bundle.elements, bundle.ack, bundle.arrived)
+                self.summary.elements_in += len(bundle.elements)
+            else:
+                self.ledger.admit(bundle)
+                self.summary.elements_in += len(bundle)
 
     def _assign(self) -> None:
         for slot in self.pool.slots.values():
@@ -492,9 +500,8 @@ class _Run:
     def commit(self) -> None:
         """Write completed bundles to the sink in input order, each exactly once, with
         their dead letters."""
-        for index, outputs, dead in self.ledger.commit():
-            self.sink.write(outputs)
-            self.sink.write_dead_letters(dead)
+        for index, outputs, dead, ack, _arrived in self.ledger.commit():
+            self.sink.commit(outputs, dead, [ack] if ack is not None else [], self.pipeline.source)
             self.summary.outputs += len(outputs)
             self.summary.add_dead_letters(dead)
             self.summary.bundles += 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,8 +40,21 @@ class Bundle:
 
     index: int
     elements: Sequence[Any] | np.ndarray  # a list, or a bundle's rows as one array
+    ack: Any = None  # what its source needs back once it is committed
+    arrived: float | None = None  # time.time() its first element reached the source
     attempt: int = 0
     losses: list[str] = field(default_factory=list)  # why each earlier attempt ended
+
+
+class Committed(NamedTuple):
+    """A bundle ready to commit (``bundle``, its index): its outputs and dead letters,
+    and its source's ack."""
+
+    bundle: int
+    outputs: list[Any]
+    dead_letters: list[dict[str, Any]]
+    ack: Any = None
+    arrived: float | None = None
 
 
 @dataclass
@@ -63,7 +76,7 @@ class BundleLedger:
         self.bundle_timeout = bundle_timeout
         self.pending: deque[Bundle] = deque()
         self.running: dict[int, _Running] = {}
-        self.done: dict[int, tuple[list[Any], list[dict[str, Any]]]] = {}
+        self.done: dict[int, Committed] = {}
         self.next_index = 0
         self.next_commit = 0
         self.input_exhausted = False
@@ -75,8 +88,10 @@ class BundleLedger:
         held = len(self.pending) + len(self.running) + len(self.done)
         return not self.input_exhausted and held < self.window
 
-    def admit(self, elements: Sequence[Any] | np.ndarray) -> Bundle:
-        bundle = Bundle(self.next_index, elements)
+    def admit(
+        self, elements: Sequence[Any] | np.ndarray, ack: Any = None, arrived: float | None = None
+    ) -> Bundle:
+        bundle = Bundle(self.next_index, elements, ack, arrived)
         self.next_index += 1
         self.pending.append(bundle)
         return bundle
@@ -114,10 +129,12 @@ class BundleLedger:
         self, worker: int, index: int, attempt: Any, outputs: list[Any], dead_letters: list[dict[str, Any]]
     ) -> bool:
         """``worker``'s whole output for ``index``; False (and ignored) if superseded."""
-        if self._current(worker, index, attempt) is None:
+        running = self._current(worker, index, attempt)
+        if running is None:
             return False
         del self.running[index]
-        self.done[index] = (outputs, dead_letters)
+        bundle = running.bundle
+        self.done[index] = Committed(index, outputs, dead_letters, bundle.ack, bundle.arrived)
         return True
 
     def fail(self, worker: int, index: int, attempt: Any, error: str) -> bool:
@@ -176,14 +193,13 @@ class BundleLedger:
         return len(self.pending) + len(self.running)
 
     # -- committing ------------------------------------------------------------------------
-    def commit(self) -> Iterator[tuple[int, list[Any], list[dict[str, Any]]]]:
-        """(index, outputs, dead letters) of each bundle that can be committed now: in
-        input order, each exactly once, forgotten as it is handed out."""
+    def commit(self) -> Iterator[Committed]:
+        """Each bundle that can be committed now: in input order, each exactly once,
+        forgotten as it is handed out."""
         while self.next_commit in self.done:
-            index = self.next_commit
-            outputs, dead = self.done.pop(index)
+            committed = self.done.pop(self.next_commit)
             self.next_commit += 1
-            yield index, outputs, dead
+            yield committed
 
 
 def _exhausted_message(bundle: Bundle) -> str:

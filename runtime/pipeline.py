@@ -133,16 +133,49 @@ def process_bundle(steps: list[Step], elements: list[Any]) -> BundleOutput:
 
 
 # -- sources and sinks -----------------------------------------------------------------
+@dataclass
+class SourceBundle:
+    """A bundle as a source hands it to the harness: its ``elements``; ``ack``, what the
+    source needs back once the bundle is committed (``Source.ack``; None: nothing); and
+    ``arrived``, the ``time.time()`` its first element reached the source (end-to-end
+    latency, and the default event time of its elements). An unbounded source yields one
+    with no elements when nothing arrived within ``max_wait``, so that its reader can
+    notice a stop."""
+
+    elements: Sequence[Any] | np.ndarray
+    ack: Any = None
+    arrived: float | None = None
+
+
 class Source:
-    """Where elements come from. ``read()`` yields them; ``describe()`` names it."""
+    """Where elements come from. ``read()`` yields them; ``describe()`` names it.
+
+    A bounded source ends; an ``unbounded`` one (a stream, a followed file) runs until the
+    run is stopped (SIGINT/SIGTERM, ``Harness.request_stop``). The harness takes bundles
+    from ``bundles()`` on a reader thread of its own, a bounded window ahead of what is
+    committed, and calls ``ack`` for each bundle that carries an ack once the sink has
+    committed it (``Sink.commit``)."""
+
+    unbounded: bool = False
 
     def read(self) -> Iterator[Any]:
         raise NotImplementedError
 
-    def bundles(self, size: int) -> Iterator[Sequence[Any] | np.ndarray]:
+    def ack(self, acks: list[Any]) -> None:
+        """The bundles that carried ``acks`` are committed (written by the sink, in input
+        order). Called from the harness loop, in commit order."""
+
+    def close(self) -> None:
+        """The run is over: release connections and files."""
+
+    def bundles(
+        self, size: int, max_wait: float | None = None
+    ) -> Iterator[Sequence[Any] | np.ndarray | SourceBundle]:
         """The elements cut into bundles of ``size`` (the last may be short), by count
-        alone, so the same input is cut the same way in every run. A source whose
-        elements are rows of one array yields each bundle as one array."""
+        alone, so the same bounded input is cut the same way in every run. A source whose
+        elements are rows of one array yields each bundle as one array. An unbounded
+        source also closes a bundle ``max_wait`` seconds after its first element arrived,
+        full or not, and yields ``SourceBundle`` (with its ``ack`` and ``arrived``)."""
         it = iter(self.read())
         while bundle := list(itertools.islice(it, size)):
             yield bundle
@@ -211,7 +244,7 @@ class ReadFromNpy(_FileSource):
         for i in range(arr.shape[0]):
             yield np.array(arr[i])
 
-    def bundles(self, size: int) -> Iterator[np.ndarray]:
+    def bundles(self, size: int, max_wait: float | None = None) -> Iterator[np.ndarray]:
         """Each bundle one slice of the array, read at once: it travels to a worker as one
         buffer and its rows are views of it there (``runtime.rows``)."""
         arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -258,6 +291,22 @@ class Sink:
         if "dead_letters" not in self.__dict__:
             self.dead_letters = []
         self.dead_letters.extend(dead_letters)
+
+    def commit(
+        self, outputs: list[Any], dead_letters: list[dict[str, Any]], acks: list[Any], source: Source | None
+    ) -> None:
+        """Commit one bundle: write its outputs and dead letters, make them durable
+        (``flush``), then acknowledge its input (``source.ack(acks)``). A sink that writes
+        where its source reads (``WriteToRedisStream`` after ``ReadFromRedisStream`` on one
+        server) does all of it in one transaction instead: exactly once, end to end."""
+        self.write(outputs)
+        self.write_dead_letters(dead_letters)
+        if acks and source is not None:
+            self.flush()
+            source.ack(acks)
+
+    def flush(self) -> None:
+        """Make what was written so far durable (before the input is acknowledged)."""
 
     def close(self) -> None:
         pass

@@ -26,7 +26,7 @@ def hand_out(book: BundleLedger, worker: int, now: float = 0.0) -> int:
 
 
 def committed(book: BundleLedger) -> list[tuple[int, list, list]]:
-    return list(book.commit())
+    return [(c.bundle, c.outputs, c.dead_letters) for c in book.commit()]
 
 
 def test_bundles_commit_in_input_order_each_once_whatever_order_they_finish_in():
