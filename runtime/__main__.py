@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--threads", type=int, default=4)
     run.add_argument("--bundle-size", type=int, default=256)
+    run.add_argument(
+        "--max-bundle-wait",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="an unbounded source closes a bundle this long after its first element arrived, "
+        "full or not (default 0.1)",
+    )
     run.add_argument("--bundle-timeout", type=float, default=600.0, metavar="SECONDS")
     run.add_argument(
         "--socket", default=None, help="model server socket (default: BEAMLET_SOCKET or per-user)"
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.threads,
         bundle_size=args.bundle_size,
+        max_bundle_wait=args.max_bundle_wait,
         bundle_timeout=args.bundle_timeout,
         socket_path=args.socket,
         server_args=["--memory-budget", args.memory_budget] if args.memory_budget else [],

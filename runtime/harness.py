@@ -39,7 +39,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +56,7 @@ from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
 from runtime.pipeline import Collect, Pipeline, Sink, SourceBundle
+from runtime.reader import END, InputReader, ReadFailed
 from runtime.serverkeeper import ServerKeeper, ServerStartFailed, server_path_for
 from runtime.summary import RunSummary
 from runtime.updates import ModelUpdateFeed
@@ -101,6 +105,7 @@ class Harness:
         threads: int = 4,
         *,
         bundle_size: int = 256,
+        max_bundle_wait: float = 0.1,
         bundle_timeout: float = 600.0,
         heartbeat_timeout: float = 60.0,
         max_attempts: int = 3,
@@ -115,9 +120,12 @@ class Harness:
     ):
         if workers < 1 or threads < 1 or bundle_size < 1:
             raise ValueError("workers, threads and bundle_size must be at least 1")
+        if not max_bundle_wait > 0:
+            raise ValueError(f"max_bundle_wait must be a positive number of seconds, got {max_bundle_wait!r}")
         self.workers = workers
         self.threads = threads
         self.bundle_size = bundle_size
+        self.max_bundle_wait = max_bundle_wait
         self.bundle_timeout = bundle_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.max_attempts = max_attempts
@@ -131,6 +139,8 @@ class Harness:
         self.deterministic = deterministic
         self._stop_signal: int | None = None
         self.current: _Run | None = None
+        self._open = False  # inside `with`: the workers outlive a process() call
+        self._session: _Session | None = None
 
     def worker_pids(self) -> list[int]:
         """The pids of the running run's SDK workers (empty when idle)."""
@@ -152,29 +162,184 @@ class Harness:
         source = pipeline.source
         source.check()
         sink.check()
-        run = _Run(self, pipeline, source.bundles(self.bundle_size), sink, total=source.count())
+        run = _Run(self, pipeline, source.bundles(self.bundle_size, self.max_bundle_wait), sink, total=source.count())
         return run.execute()
 
+    # -- a long-lived harness for custom runners ------------------------------------------
+    def __enter__(self) -> Harness:
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._open = False
+        session, self._session = self._session, None
+        if session is not None:
+            session.close(abandon=exc_type is not None)
+
+    def submit(self, bundle: Iterable[Any], pipeline: Pipeline | Any) -> Future[BundleResult]:
+        """Hand one bundle to the running workers; its ``BundleResult`` once committed
+        (bundles commit in the order they were submitted). Inside ``with Harness(...)``:
+        the first call starts the workers (and the model server, when a step needs it)
+        for ``pipeline``'s steps, and they stay until the block ends; a call with other
+        steps first finishes what runs and starts workers for those. Blocks while the
+        harness holds its window of bundles (a slow run slows its callers). A run that
+        fails fails every bundle not yet committed, with PipelineError."""
+        if not self._open:
+            raise RuntimeError("submit() needs a harness opened with `with Harness(...) as h:`")
+        return self._session_for(pipeline).submit(bundle)
+
     def process(self, bundles: Iterable[Iterable[Any]], pipeline: Pipeline | Any) -> Iterator[BundleResult]:
-        """Run the pipeline's steps over each bundle; yields results in bundle order once
-        the run has finished (the run commits them in order as they complete)."""
-        collected: list[BundleResult] = []
+        """Run the pipeline's steps over each bundle (any iterable of them, finite or
+        not); yields each ``BundleResult``, in bundle order, as soon as it is committed.
+        At most a window of bundles is read ahead of what the caller has taken, so memory
+        stays bounded and a slow caller slows the reading. Inside ``with Harness(...)`` the
+        workers stay for the next call; outside, they live for this call only."""
+        if self._open:
+            return self._process(bundles, pipeline)
+        return self._process_once(bundles, pipeline)
 
-        class _Gather(Sink):
-            def write(self, elements: list[Any]) -> None:  # unused: commit() sees bundles
-                pass
+    def _process_once(
+        self, bundles: Iterable[Iterable[Any]], pipeline: Pipeline | Any
+    ) -> Iterator[BundleResult]:
+        with self:
+            yield from self._process(bundles, pipeline)
 
-            def write_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
-                pass  # in each BundleResult
+    def _process(self, bundles: Iterable[Iterable[Any]], pipeline: Pipeline | Any) -> Iterator[BundleResult]:
+        session = self._session_for(pipeline)
+        window: deque[Future[BundleResult]] = deque()
+        it = iter(bundles)
+        exhausted = False
+        while True:
+            while not exhausted and len(window) < session.window:
+                try:
+                    bundle = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                window.append(session.submit(bundle))
+            if not window:
+                return
+            yield session.wait(window.popleft())
 
-        run = _Run(self, Pipeline.of(pipeline), (list(b) for b in bundles), _Gather(), total=None)
-        run.on_commit = collected.append
-        run.execute()
-        return iter(collected)
+    def _session_for(self, pipeline: Pipeline | Any) -> _Session:
+        session = self._session
+        if session is not None and session.key is not pipeline:
+            log.info("other steps than the running workers': finishing, then starting workers for them")
+            self._session = None
+            session.close(abandon=False)
+            session = None
+        if session is None or not session.alive():
+            if session is not None:
+                session.close(abandon=True)
+            session = self._session = _Session(self, pipeline)
+        return session
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask a running harness to stop (what SIGINT/SIGTERM do). Thread-safe."""
         self._stop_signal = signum
+
+
+class _Gather(Sink):
+    """The sink of a custom runner's bundles: results go to their futures (on_commit)."""
+
+    def write(self, elements: list[Any]) -> None:
+        pass
+
+    def write_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
+        pass
+
+
+class _Session:
+    """Workers kept for a custom runner's bundles: a run whose input is a bounded inbox
+    that ``submit`` fills, whose loop runs on a thread of its own, and whose commits
+    resolve each bundle's future."""
+
+    def __init__(self, harness: Harness, pipeline: Pipeline | Any):
+        self.key = pipeline
+        self.window = harness.workers * harness.threads * 2
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=self.window)
+        self._closing = threading.Event()
+        self._futures: set[Future[BundleResult]] = set()
+        self._lock = threading.Lock()
+        self.run = _Run(harness, Pipeline.of(pipeline), self._bundles(), _Gather(), total=None)
+        self.run.on_commit = self._committed
+        self.failure: BaseException | None = None
+        self.run.start()  # on the caller's thread: a run that cannot start raises here
+        self._thread = threading.Thread(target=self._loop, name="harness-session", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing.is_set()
+
+    def submit(self, bundle: Iterable[Any]) -> Future[BundleResult]:
+        elements = bundle if isinstance(bundle, np.ndarray) else list(bundle)
+        future: Future[BundleResult] = Future()
+        with self._lock:
+            self._futures.add(future)
+        while True:
+            if self.failure is not None or not self._thread.is_alive():
+                self._fail_pending()
+                return future
+            try:
+                self._inbox.put(SourceBundle(elements, ack=future), timeout=0.1)
+                return future
+            except queue.Full:
+                continue
+
+    def wait(self, future: Future[BundleResult]) -> BundleResult:
+        """The future's result; if the run ends without it, PipelineError."""
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except FutureTimeout:
+                if not self._thread.is_alive():
+                    self._fail_pending()
+
+    def close(self, abandon: bool) -> None:
+        """Finish what was submitted (``abandon``: stop now instead) and stop the workers."""
+        self._closing.set()
+        if abandon:
+            self.run.h.request_stop(signal.SIGTERM)
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+        self._fail_pending()
+        if self.failure is not None and not abandon:
+            raise self.failure
+
+    def _bundles(self) -> Iterator[SourceBundle]:
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            yield item
+
+    def _loop(self) -> None:
+        try:
+            self.run.finish(self.run.loop())
+        except BaseException as exc:
+            self.failure = exc
+        finally:
+            self._fail_pending()
+
+    def _committed(self, result: BundleResult, ack: Any) -> None:
+        if isinstance(ack, Future):
+            with self._lock:
+                self._futures.discard(ack)
+            ack.set_result(result)
+
+    def _fail_pending(self) -> None:
+        """Every future not resolved when the run has ended gets the run's failure."""
+        if self._thread.is_alive():
+            return
+        with self._lock:
+            pending, self._futures = self._futures, set()
+        error = self.failure or PipelineError("the harness stopped before this bundle was committed")
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
 
 
 class _Run:
@@ -190,17 +355,23 @@ class _Run:
     ):
         self.h = harness
         self.pipeline = pipeline
-        self.bundles = bundles
         self.sink = sink
         self.total = total
-        self.on_commit: Any = None
+        self.on_commit: Any = None  # called with (BundleResult, ack) as each bundle commits
         self.events: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        self.reader = InputReader(
+            bundles, harness.workers * harness.threads, lambda: self.events.put(("input", None, None))
+        )
         self.ledger = BundleLedger(
             harness.workers * harness.threads * 2, harness.max_attempts, harness.bundle_timeout
         )
         self.summary = RunSummary(
-            pipeline=pipeline.describe(), workers=harness.workers, threads=harness.threads
+            pipeline=pipeline.describe(),
+            workers=harness.workers,
+            threads=harness.threads,
+            unbounded=bool(pipeline.source is not None and pipeline.source.unbounded),
         )
+        self._latency_shown = 0.0
         self.metrics: dict[str, InferenceMetrics] = {}
         self.failure: PipelineError | None = None
         self.restarts = 0
@@ -222,11 +393,21 @@ class _Run:
 
     # -- lifecycle ----------------------------------------------------------------------
     def execute(self) -> RunSummary:
+        """Start, run to the end of the input (or a stop), finish; the summary."""
+        old_handlers = self._install_signal_handlers()
+        try:
+            self.start()
+            return self.finish(self.loop())
+        finally:
+            self._restore_signal_handlers(old_handlers)
+
+    def start(self) -> None:
+        """Start the run's processes (the zygote first, before this run starts a thread),
+        its model server and its workers; then its input reader. Raises, with everything
+        stopped again, when it cannot start."""
         self.started = time.monotonic()
         self.h.current = self
         self.h._stop_signal = None
-        completed = False
-        old_handlers = self._install_signal_handlers()
         try:
             if self.h.pipeline_ref is None:
                 # First: before this run starts a thread or opens a socket or a file.
@@ -247,16 +428,41 @@ class _Run:
                 self.spawn_worker()
             self._model_server_ready()
             self._open_progress()
+            self.reader.start()
+        except BaseException:
+            self.finish(False)
+            raise
+
+    def loop(self) -> bool:
+        """Run until the input ends (or a stop); whether the sink may be closed as
+        complete: the input ended, or an unbounded input was stopped cleanly."""
+        completed = False
+        try:
             self._loop()
-            if self.failure is None and self.h._stop_signal is None:
+            stopped = self.h._stop_signal is not None
+            if self.failure is None and (not stopped or self.summary.unbounded):
                 self.sink.close()  # a signal from here on only hurries the clean-up
                 completed = True
-        finally:
+        except BaseException:
+            self.finish(False)
+            raise
+        return completed
+
+    def finish(self, completed: bool) -> RunSummary:
+        """Stop everything, close or abort the sink; the summary (raises the run's failure)."""
+        try:
+            self.reader.stop()
             self.stop()
-            self._restore_signal_handlers(old_handlers)
+            if self.pipeline.source is not None:
+                try:
+                    self.pipeline.source.close()
+                except Exception:
+                    log.warning("closing the source failed", exc_info=True)
+        finally:
             self.h.current = None
             if self._bar is not None:
                 self._bar.close()
+                self._bar = None
             if not completed:  # failed, stopped, or an error of our own: no half output
                 _abort_sink(self.sink)
         self.summary.seconds = time.monotonic() - self.started
@@ -265,7 +471,7 @@ class _Run:
         self.summary.set_metrics(self.metrics)
         if self.failure is not None:
             raise self.failure
-        if not completed and self.h._stop_signal is not None:
+        if self.h._stop_signal is not None and (not completed or self.summary.unbounded):
             self.summary.interrupted = signal.Signals(self.h._stop_signal).name
         return self.summary
 
@@ -362,19 +568,19 @@ class _Run:
 
     def _read_input(self) -> None:
         while self.ledger.has_room():
-            try:
-                bundle = next(self.bundles)
-            except StopIteration:
+            bundle = self.reader.take()
+            if bundle is None:
+                return
+            if bundle is END:
                 self.ledger.end_of_input()
                 return
-            except Exception as exc:  # the source itself (a line that is not JSON, a lost file)
+            if isinstance(bundle, ReadFailed):
+                exc = bundle.exc
                 self._fail(f"reading the input failed: {type(exc).__name__}: {exc}")
                 return
             if isinstance(bundle, SourceBundle):
-                if not len(bundle.elements):
-                    if bundle.ack is not None:  # nothing to compute: committed as it is
-                        self.sink.commit([], [], [bundle.ack], self.pipeline.source)
-                    continue
+                if bundle.ack is None and not len(bundle.elements):
+                    continue  # an unbounded source with nothing new: it only lets us look up
                 self.ledger.admit(bundle.elements, bundle.ack, bundle.arrived)
                 self.summary.elements_in += len(bundle.elements)
             else:
@@ -419,8 +625,8 @@ class _Run:
                 return
 
     def _handle(self, kind: str, channel: ControlChannel, message: Any) -> None:
-        if kind == "closed":
-            return  # the process exit is what counts; reap_workers handles it
+        if kind in ("closed", "input"):
+            return  # closed: the process exit is what counts (reap_workers); input: the loop reads it
         if kind == "model_update":
             self._send_update(*message)  # (step index, update)
             return
@@ -499,12 +705,14 @@ class _Run:
 
     def commit(self) -> None:
         """Write completed bundles to the sink in input order, each exactly once, with
-        their dead letters."""
-        for index, outputs, dead, ack, _arrived in self.ledger.commit():
+        their dead letters, and acknowledge their input."""
+        for index, outputs, dead, ack, arrived in self.ledger.commit():
             self.sink.commit(outputs, dead, [ack] if ack is not None else [], self.pipeline.source)
             self.summary.outputs += len(outputs)
             self.summary.add_dead_letters(dead)
             self.summary.bundles += 1
+            if arrived is not None:
+                self.summary.latency.add(time.time() - arrived, len(outputs) + len(dead))
             if self.summary.bundles == 1:
                 startup.step(
                     "first bundle committed",
@@ -512,9 +720,22 @@ class _Run:
                     f"after the process started; {time.monotonic() - self.started:.2f}s after the run started",
                 )
             if self.on_commit is not None:
-                self.on_commit(BundleResult(index, outputs, dead))
+                self.on_commit(BundleResult(index, outputs, dead), ack)
             if self._bar is not None:
                 self._bar.update(len(outputs) + len(dead))
+                self._show_latency()
+
+    def _show_latency(self) -> None:
+        """The progress line's end-to-end latency, at most once a second."""
+        now = time.monotonic()
+        if self._bar is None or not self.summary.latency or now - self._latency_shown < 1.0:
+            return
+        self._latency_shown = now
+        lat = self.summary.latency
+        self._bar.set_postfix_str(
+            f"latency p50 {lat.percentile(50) * 1000:.0f} ms p99 {lat.percentile(99) * 1000:.0f} ms",
+            refresh=False,
+        )
 
     # -- model updates ----------------------------------------------------------------------
     def _send_update(self, index: int, update: refresh.Update) -> None:

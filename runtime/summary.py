@@ -6,12 +6,50 @@ committed); per-model metrics are the summaries ``InferenceMetrics.named()`` giv
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.inference import InferenceMetrics
 
 DEAD_LETTER_SAMPLE = 100
+LATENCY_WINDOW = 10_000  # bundles whose latency the percentiles are taken over (the latest)
+
+
+class Latency:
+    """End-to-end latency, arrival at the source to commit, over the latest
+    ``LATENCY_WINDOW`` bundles: each bundle counts once per element, at the latency of
+    its first element (the one that waited longest)."""
+
+    def __init__(self, window: int = LATENCY_WINDOW) -> None:
+        self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def add(self, seconds: float, elements: int) -> None:
+        if elements > 0:
+            self._samples.append((max(0.0, seconds), elements))
+
+    def __bool__(self) -> bool:
+        return bool(self._samples)
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0-100) in seconds; 0.0 with no samples."""
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        total = sum(n for _, n in ordered)
+        rank = q / 100 * total
+        seen = 0
+        for seconds, n in ordered:
+            seen += n
+            if seen >= rank:
+                return seconds
+        return ordered[-1][0]
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "p50_ms": round(self.percentile(50) * 1000, 2),
+            "p99_ms": round(self.percentile(99) * 1000, 2),
+        }
 
 
 @dataclass
@@ -33,6 +71,8 @@ class RunSummary:
     dead_letter_count: int = 0
     seconds: float = 0.0
     interrupted: str | None = None
+    unbounded: bool = False  # a stream: it ends when stopped, and reports latency
+    latency: Latency = field(default_factory=Latency)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add_dead_letters(self, dead_letters: list[dict[str, Any]]) -> None:
@@ -70,6 +110,7 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "elements_per_second": round(self.throughput, 1),
             "interrupted": self.interrupted,
+            "latency": self.latency.to_dict() if self.latency else None,
             "metrics": self.metrics,
         }
 
@@ -87,7 +128,16 @@ class RunSummary:
                 f"models     {self.model_updates} model updates sent to the workers, "
                 f"{self.rejected_model_updates} rejected (see the log)"
             )
-        if self.interrupted:
+        if self.latency:
+            lines.append(
+                f"latency    p50 {self.latency.percentile(50) * 1000:.1f} ms, "
+                f"p99 {self.latency.percentile(99) * 1000:.1f} ms (arrival at the source to commit)"
+            )
+        if self.interrupted and self.unbounded:
+            lines.append(
+                f"STOPPED    by {self.interrupted}: reading stopped, what was in flight was committed"
+            )
+        elif self.interrupted:
             lines.append(f"STOPPED    by {self.interrupted}; uncommitted bundles were abandoned")
         for label, named in self.metrics.items():
             m = named

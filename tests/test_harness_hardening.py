@@ -110,18 +110,26 @@ class DieRightAfterHello(Step):
         return elements
 
 
-class AfterTheDeath(Source):
-    """Reads nothing until the dying worker is dead (a zombie: the harness has not reaped
-    it; its sockets are closed) and its hello is on the harness's event queue. The harness reads its input in its
-    main loop, so until then it handles no event; when it does, the model update comes
-    before that hello (the worker said it only once the update was queued), and replaying
-    the update to the dead worker can only fail."""
+class WaitForTheDeath(RunInference):
+    """RunInference whose model updates, in the harness process only, wait until the
+    dying worker is dead (a zombie: the harness has not reaped it; its sockets are
+    closed) and its hello is on the harness's event queue. The harness applies an update
+    to its own copy of the step on its loop, before it handles the next event, so the
+    hello (queued after the update: the worker said it only once the update was queued)
+    is handled after, and replaying the update to the dead worker can only fail."""
 
-    def __init__(self, directory: str, n: int):
-        self.dir, self.n = directory, n
+    def __init__(self, *args: Any, directory: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dir = directory
         self.harness: Harness | None = None
+        self.harness_pid = os.getpid()
 
-    def read(self) -> Iterator[int]:
+    def update_model(self, update: Any) -> None:
+        if os.getpid() == self.harness_pid:
+            self._wait_for_the_death()
+        super().update_model(update)
+
+    def _wait_for_the_death(self) -> None:
         pid_file = os.path.join(self.dir, "pid")
         pid = int(wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read(), "the dying worker"))
 
@@ -143,7 +151,6 @@ class AfterTheDeath(Source):
 
         wait_for(dead, "the worker to die")
         wait_for(hello_queued, "its hello to reach the harness")
-        yield from range(self.n)
 
 
 def test_a_worker_that_dies_while_updates_are_replayed_at_hello_is_replaced(private_dir, caplog):
@@ -153,17 +160,19 @@ def test_a_worker_that_dies_while_updates_are_replayed_at_hello_is_replaced(priv
     xs = rows(64)
     updates = UpdateOnce(ModelMetadata(v2, ""), os.path.join(private_dir, "queued"))
     sink = Collect()
-    source = AfterTheDeath(private_dir, len(xs))
+    inference = WaitForTheDeath(
+        PytorchModelHandlerTensor(v1, MLP, {}), model_metadata_pcoll=updates, directory=private_dir
+    )
     pipeline = (
-        source
+        Create(range(len(xs)))
         | DieRightAfterHello(private_dir)
         | Map(lambda i: xs[i])
-        | RunInference(PytorchModelHandlerTensor(v1, MLP, {}), model_metadata_pcoll=updates)
+        | inference
         | Map(lambda r: (r.example.tolist(), r.model_id, os.getpid()))
         | sink
     )
     caplog.set_level("WARNING", logger="beamlet.harness")
-    harness = source.harness = Harness(workers=2, threads=1, bundle_size=8, progress=False)
+    harness = inference.harness = Harness(workers=2, threads=1, bundle_size=8, progress=False)
     summary = harness.run(pipeline)
     dead = int(open(os.path.join(private_dir, "pid")).read())
     assert f"pid {dead}" in caplog.text and "at hello" in caplog.text, caplog.text
@@ -337,16 +346,16 @@ def test_a_bundle_that_times_out_every_time_fails_the_run_saying_so():
 
 # -- 6. dead letters go to their file as their bundles commit --------------------------------
 class CheckDeadLettersMidRun(Source):
-    """Rows 0..n-1 in bundles of ``size`` on one worker of one thread (a window of two
-    bundles): asked for the third bundle, bundle 0 has been committed; the dead-letter
-    file's lines at that moment go into ``seen``."""
+    """Rows 0..n-1 in bundles of ``size`` on one worker of one thread: the harness holds
+    two bundles and reads at most two more ahead, so asked for the ninth bundle, bundle 0
+    has been committed; the dead-letter file's lines at that moment go into ``seen``."""
 
     def __init__(self, n: int, size: int, dead_file: str, seen: list[int]):
         self.n, self.size, self.dead_file, self.seen = n, size, dead_file, seen
 
     def read(self) -> Iterator[int]:
         for i in range(self.n):
-            if i == 2 * self.size:
+            if i == 8 * self.size:
                 with open(self.dead_file + ".partial") as f:
                     self.seen.append(len(f.readlines()))
             yield i
