@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="bitwise the same output in every run: no request merging in the model server, fixed batch sizes",
     )
+    run.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="record each committed bundle in DIR; the same command after a crash continues "
+        "from the first uncommitted bundle (bounded input, file output)",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_ref=args.pipeline if args.exec_workers or started > 0 else None,
         pipeline_args=(args.input, args.output),
         deterministic=args.deterministic,
+        checkpoint=args.checkpoint,
     )
     try:
         summary = harness.run(pipeline)

@@ -30,6 +30,7 @@ and remove the control socket and its directory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -52,6 +53,7 @@ from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
 from runtime import computethreads, rows, startup
+from runtime.checkpoint import Checkpoint
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
 from runtime.ledger import BundleExhausted, BundleLedger
@@ -117,6 +119,7 @@ class Harness:
         pipeline_ref: str | None = None,
         pipeline_args: tuple[str | None, str | None] = (None, None),
         deterministic: bool = False,
+        checkpoint: str | None = None,
     ):
         if workers < 1 or threads < 1 or bundle_size < 1:
             raise ValueError("workers, threads and bundle_size must be at least 1")
@@ -137,6 +140,7 @@ class Harness:
         self.pipeline_ref = pipeline_ref
         self.pipeline_args = pipeline_args
         self.deterministic = deterministic
+        self.checkpoint = checkpoint
         self._stop_signal: int | None = None
         self.current: _Run | None = None
         self._open = False  # inside `with`: the workers outlive a process() call
@@ -162,7 +166,23 @@ class Harness:
         source = pipeline.source
         source.check()
         sink.check()
-        run = _Run(self, pipeline, source.bundles(self.bundle_size, self.max_bundle_wait), sink, total=source.count())
+        bundles: Iterator[Any] = source.bundles(self.bundle_size, self.max_bundle_wait)
+        checkpoint, resumed = None, 0
+        if self.checkpoint is not None:
+            checkpoint = Checkpoint(self.checkpoint, Pipeline(source, pipeline.steps, sink), self.bundle_size)
+            resumed = checkpoint.load()
+            if resumed:
+                log.warning(
+                    "resuming from the checkpoint in %s: %d bundles committed before",
+                    self.checkpoint,
+                    resumed,
+                )
+                bundles = itertools.islice(bundles, resumed, None)
+        total = source.count()
+        if total is not None:
+            total = max(0, total - resumed * self.bundle_size)
+        run = _Run(self, pipeline, bundles, sink, total=total)
+        run.checkpoint, run.summary.resumed_bundles = checkpoint, resumed
         return run.execute()
 
     # -- a long-lived harness for custom runners ------------------------------------------
@@ -372,6 +392,7 @@ class _Run:
             unbounded=bool(pipeline.source is not None and pipeline.source.unbounded),
         )
         self._latency_shown = 0.0
+        self.checkpoint: Checkpoint | None = None
         self.metrics: dict[str, InferenceMetrics] = {}
         self.failure: PipelineError | None = None
         self.restarts = 0
@@ -418,7 +439,10 @@ class _Run:
             self.listener = ControlListener(self.pool.control_path, self.events)
             self._start_model_server()
             self.updates.start()
-            self.sink.open()
+            if self.checkpoint is not None and self.summary.resumed_bundles:
+                self.checkpoint.resume_sink()
+            else:
+                self.sink.open()
             log.info(
                 "workers compute with %s torch threads: %s",
                 self.pool.compute.intra_op or "torch's",
@@ -443,6 +467,8 @@ class _Run:
             if self.failure is None and (not stopped or self.summary.unbounded):
                 self.sink.close()  # a signal from here on only hurries the clean-up
                 completed = True
+                if self.checkpoint is not None:
+                    self.checkpoint.done()
         except BaseException:
             self.finish(False)
             raise
@@ -464,7 +490,7 @@ class _Run:
                 self._bar.close()
                 self._bar = None
             if not completed:  # failed, stopped, or an error of our own: no half output
-                _abort_sink(self.sink)
+                _abort_sink(self.sink, keep=self.checkpoint is not None)
         self.summary.seconds = time.monotonic() - self.started
         self.summary.worker_restarts = self.restarts
         self.summary.bundle_retries = self.ledger.retries
@@ -713,6 +739,8 @@ class _Run:
             self.summary.bundles += 1
             if arrived is not None:
                 self.summary.latency.add(time.time() - arrived, len(outputs) + len(dead))
+            if self.checkpoint is not None:
+                self.checkpoint.record(self.summary.resumed_bundles + self.summary.bundles)
             if self.summary.bundles == 1:
                 startup.step(
                     "first bundle committed",
@@ -813,7 +841,11 @@ class _Run:
         self._bar = tqdm(total=self.total, unit="el", desc="beamlet", dynamic_ncols=True, smoothing=0.1)
 
 
-def _abort_sink(sink: Sink) -> None:
+def _abort_sink(sink: Sink, keep: bool = False) -> None:
+    """Remove a failed run's partial output (``keep``: leave it for a resume)."""
     abort = getattr(sink, "abort", None)
     if abort is not None:
-        abort()
+        if keep:
+            abort(keep=True)
+        else:
+            abort()

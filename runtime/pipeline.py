@@ -341,6 +341,29 @@ class WriteToJsonLines(Sink):
     def open(self) -> None:
         self._f = open(self.path + ".partial", "w", encoding="utf-8")
 
+    def position(self) -> tuple[int, int]:
+        """Bytes written so far to the output and to the dead letters (after ``flush``):
+        what ``resume`` takes back."""
+        return (
+            self._f.tell() if self._f is not None else 0,
+            self._dead.tell() if self._dead is not None else 0,
+        )
+
+    def resume(self, position: tuple[int, int]) -> None:
+        """Open the partial files of an interrupted run instead of new ones, cut back to
+        ``position`` (what was written after the last recorded commit goes); CannotStart
+        when they are shorter than that (not the files that checkpoint was taken of)."""
+        for path, size in ((self.path, position[0]), (self.dead_letters_path, position[1])):
+            partial = path + ".partial"
+            have = os.path.getsize(partial) if os.path.exists(partial) else -1
+            if size and have < size:
+                raise CannotStart(
+                    f"cannot resume: {partial} holds {max(have, 0)} bytes, the checkpoint recorded {size}"
+                )
+        self._f = _reopen(self.path + ".partial", position[0])
+        if position[1]:
+            self._dead = _reopen(self.dead_letters_path + ".partial", position[1])
+
     def write(self, elements: list[Any]) -> None:
         for e in elements:
             self._f.write(json.dumps(to_jsonable(e)) + "\n")
@@ -367,11 +390,14 @@ class WriteToJsonLines(Sink):
                 os.replace(path + ".partial", path)
         self._f = self._dead = None
 
-    def abort(self) -> None:
-        """The run did not complete: remove the partial files rather than leave half an output."""
+    def abort(self, keep: bool = False) -> None:
+        """The run did not complete: remove the partial files rather than leave half an
+        output (``keep``: leave them, for a checkpointed run to resume)."""
         for f, path in ((self._f, self.path), (self._dead, self.dead_letters_path)):
             if f is not None:
                 f.close()
+            if keep:
+                continue
             try:
                 os.unlink(path + ".partial")
             except FileNotFoundError:
@@ -397,6 +423,14 @@ class Collect(Sink):
 
     def write(self, elements: list[Any]) -> None:
         self.values.extend(elements)
+
+
+def _reopen(path: str, size: int) -> Any:
+    """``path`` opened for appending after its first ``size`` bytes (created if missing)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size)
+    f = open(fd, "a", encoding="utf-8")
+    return f
 
 
 def to_jsonable(value: Any) -> Any:

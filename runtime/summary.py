@@ -71,6 +71,7 @@ class RunSummary:
     dead_letter_count: int = 0
     seconds: float = 0.0
     interrupted: str | None = None
+    resumed_bundles: int = 0  # committed by an earlier run of this job (--checkpoint)
     unbounded: bool = False  # a stream: it ends when stopped, and reports latency
     latency: Latency = field(default_factory=Latency)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -110,6 +111,7 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "elements_per_second": round(self.throughput, 1),
             "interrupted": self.interrupted,
+            "resumed_bundles": self.resumed_bundles,
             "latency": self.latency.to_dict() if self.latency else None,
             "metrics": self.metrics,
         }
@@ -127,6 +129,10 @@ class RunSummary:
             lines.append(
                 f"models     {self.model_updates} model updates sent to the workers, "
                 f"{self.rejected_model_updates} rejected (see the log)"
+            )
+        if self.resumed_bundles:
+            lines.append(
+                f"resumed    after {self.resumed_bundles} bundles committed by an earlier run (--checkpoint)"
             )
         if self.latency:
             lines.append(
