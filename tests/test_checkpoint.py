@@ -64,6 +64,11 @@ def job(private_dir):
     return path, inp
 
 
+def run_to_the_end(path: str, inp: str, out: str, ckpt: str) -> subprocess.CompletedProcess[str]:
+    command = cli(path, inp, out, "--checkpoint", ckpt)
+    return subprocess.run(command, env=server_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def committed(ckpt_dir: str) -> int:
     try:
         with open(os.path.join(ckpt_dir, "checkpoint.json")) as f:
@@ -94,14 +99,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_equals_a_clean_run(job, pr
         proc.wait(10)
         resumed_at.append(committed(ckpt))
         assert not os.path.exists(out) and os.path.exists(out + ".partial")
-    run = subprocess.run(
-        cli(path, inp, out, "--checkpoint", ckpt),
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_to_the_end(path, inp, out, ckpt)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["resumed_bundles"] >= resumed_at[-1] >= 30
@@ -117,14 +115,7 @@ def test_a_checkpoint_of_another_job_is_refused(job, private_dir):
     os.makedirs(ckpt)
     with open(os.path.join(ckpt, "checkpoint.json"), "w") as f:
         json.dump({"version": 1, "job": {"input": {}}, "committed": 3, "position": [10, 0]}, f)
-    run = subprocess.run(
-        cli(path, inp, out, "--checkpoint", ckpt),
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_to_the_end(path, inp, out, ckpt)
     assert run.returncode == 1 and "another job" in run.stderr
 
 
