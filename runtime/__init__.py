@@ -7,6 +7,7 @@ from client.inference import RunInference
 from client.keyed import KeyModelPathMapping
 from client.results import ModelMetadata
 from runtime.errors import CannotStart, PipelineError
+from runtime.filesources import ReadFromDirectory, ReadFromJsonLinesTail, ReadFromTextTail, TailPosition
 from runtime.harness import BundleResult, Harness
 from runtime.pipeline import (
     Collect,
@@ -40,11 +41,15 @@ __all__ = [
     "ModelMetadata",
     "Pipeline",
     "PipelineError",
+    "ReadFromDirectory",
     "ReadFromJsonLines",
+    "ReadFromJsonLinesTail",
     "ReadFromNpy",
     "ReadFromText",
+    "ReadFromTextTail",
     "RunInference",
     "RunSummary",
+    "TailPosition",
     "WatchFilePattern",
     "WriteToJsonLines",
     "WriteToText",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -47,15 +48,21 @@ class LocalFiles:
     """Local (or mounted) files, by glob pattern (``*``, ``?``, ``[...]``, ``**``)."""
 
     def match(self, pattern: str) -> list[FileInfo]:
-        out = []
-        for path in glob.glob(pattern, recursive=True):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # removed since listed
-            if os.path.isfile(path):
-                out.append(FileInfo(os.path.abspath(path), st.st_size, st.st_mtime_ns))
-        return out
+        return [FileInfo(path, st.st_size, st.st_mtime_ns) for path, st in stat_files(pattern)]
+
+
+def stat_files(pattern: str) -> list[tuple[str, os.stat_result]]:
+    """The regular files matching a glob pattern now, each by absolute path with its stat.
+    A file removed between the listing and its stat is left out."""
+    out = []
+    for path in glob.glob(pattern, recursive=True):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # removed since listed
+        if stat.S_ISREG(st.st_mode):
+            out.append((os.path.abspath(path), st))
+    return out
 
 
 class WatchFilePattern:
