@@ -265,3 +265,40 @@ def test_the_cli_runs_an_unbounded_source_until_sigterm_and_exits_128_plus_n(pri
     with open(out) as f:
         assert [int(line) for line in f] == [2 * i for i in range(50)]
     assert '"interrupted": "SIGTERM"' in stdout and '"p99_ms"' in stdout
+
+
+def test_a_followed_file_flows_through_the_harness_and_acks_what_committed(private_dir):
+    """ReadFromTextTail -> Map -> Collect while lines are appended, including a rotation;
+    SIGTERM ends the run with every line written once, in order, and acknowledged."""
+    from runtime import ReadFromTextTail
+
+    path = os.path.join(private_dir, "events.log")
+    source = ReadFromTextTail(path, poll_interval=0.01)
+    sink = Collect()
+    h = Harness(workers=2, threads=1, bundle_size=16, max_bundle_wait=0.05, progress=False)
+    box: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: box.update(s=h.run(source | Map(str.upper) | sink)))
+    runner.start()
+    try:
+        with open(path, "w") as f:
+            for i in range(300):
+                f.write(f"event {i}\n")
+                f.flush()
+                if i == 150:  # rotated: the old file renamed away, a new one at the path
+                    deadline = time.monotonic() + 30  # (once the source has seen the old one:
+                    while not sink.values:  # a file at the path for less than a poll is missed)
+                        assert time.monotonic() < deadline, "nothing committed"
+                        time.sleep(0.01)
+                    f.close()
+                    os.rename(path, path + ".1")
+                    f = open(path, "w")  # noqa: SIM115 - the writer keeps writing the new file
+        deadline = time.monotonic() + 30
+        while len(sink.values) < 300:
+            assert time.monotonic() < deadline, f"{len(sink.values)} of 300 lines committed"
+            time.sleep(0.01)
+    finally:
+        h.request_stop(signal.SIGTERM)
+        runner.join(60)
+    assert sink.values == [f"EVENT {i}" for i in range(300)]
+    assert box["s"].interrupted == "SIGTERM" and box["s"].latency
+    assert source.acked is not None and source.acked.offset == os.path.getsize(path)
