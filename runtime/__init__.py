@@ -21,6 +21,7 @@ from runtime.pipeline import (
     WriteToJsonLines,
     WriteToText,
 )
+from runtime.streams import ReadFromRedisStream, WriteToRedisStream
 from runtime.summary import RunSummary
 from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
 
@@ -42,10 +43,12 @@ __all__ = [
     "PipelineError",
     "ReadFromJsonLines",
     "ReadFromNpy",
+    "ReadFromRedisStream",
     "ReadFromText",
     "RunInference",
     "RunSummary",
     "WatchFilePattern",
     "WriteToJsonLines",
+    "WriteToRedisStream",
     "WriteToText",
 ]
