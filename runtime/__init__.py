@@ -22,6 +22,7 @@ from runtime.pipeline import (
     WriteToJsonLines,
     WriteToText,
 )
+from runtime.streams import ReadFromRedisStream, WriteToRedisStream
 from runtime.summary import RunSummary
 from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
 
@@ -45,6 +46,7 @@ __all__ = [
     "ReadFromJsonLines",
     "ReadFromJsonLinesTail",
     "ReadFromNpy",
+    "ReadFromRedisStream",
     "ReadFromText",
     "ReadFromTextTail",
     "RunInference",
@@ -52,5 +54,6 @@ __all__ = [
     "TailPosition",
     "WatchFilePattern",
     "WriteToJsonLines",
+    "WriteToRedisStream",
     "WriteToText",
 ]

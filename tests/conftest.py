@@ -18,6 +18,7 @@ from client import autostart
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.startlock import lock_path
+from tests.redis_fixtures import redis_server  # noqa: F401  (a fixture, for tests/test_streams.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
