@@ -1,0 +1,175 @@
+"""Streaming end to end: Redis -> RunInference (large_model) -> Redis through the CLI,
+with the harness, workers and the model server killed along the way (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import ROOT, server_env, server_processes
+from tests.models import make_checkpoint
+
+redis = pytest.importorskip("redis")
+
+JOB = """
+import json
+import torch
+from client import KeyedModelHandler, PytorchModelHandlerTensor
+from runtime import Map, RunInference
+from runtime.streams import ReadFromRedisStream, WriteToRedisStream
+from tests.models import MLP
+
+
+def parse(e):
+    return (e["id"], torch.tensor(json.loads(e["x"]), dtype=torch.float32))
+
+
+def out(keyed):
+    key, r = keyed
+    return {{"id": key, "y": json.dumps(r.inference.tolist()), "model": str(r.model_id)}}
+
+
+def build_pipeline(input, output):
+    handler = PytorchModelHandlerTensor({ckpt!r}, MLP, {{}}, max_batch_size=32, large_model=True)
+    return (
+        ReadFromRedisStream({url!r}, "in", "g", claim_idle=None)
+        | Map(parse)
+        | RunInference(KeyedModelHandler(handler))
+        | Map(out)
+        | WriteToRedisStream({url!r}, "out")
+    )
+"""
+
+N = 20_000
+ATOL = 1e-5  # rows computed in merged server batches may differ in the last digits
+
+
+def rows(n: int) -> torch.Tensor:
+    return torch.randn(n, 8, generator=torch.Generator().manual_seed(3))
+
+
+class Producer(threading.Thread):
+    """Pushes the N events at a steady rate while the job runs."""
+
+    def __init__(self, url_socket: str, xs: torch.Tensor, rate: float):
+        super().__init__(daemon=True)
+        self.r = redis.Redis(unix_socket_path=url_socket)
+        self.xs, self.rate = xs, rate
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            began = time.monotonic()
+            for start in range(0, len(self.xs), 50):
+                wait = began + start / self.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                pipe = self.r.pipeline(transaction=False)
+                for i in range(start, min(len(self.xs), start + 50)):
+                    pipe.xadd("in", {"id": str(i), "x": json.dumps(self.xs[i].tolist())})
+                pipe.execute()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def start_job(job: str, sock: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "runtime",
+        "run",
+        job,
+        "--workers",
+        "2",
+        "--threads",
+        "2",
+        "--bundle-size",
+        "64",
+        "--max-bundle-wait",
+        "0.02",
+        "--socket",
+        sock,
+        "--no-progress",
+        "--json",
+    ]
+    return subprocess.Popen(
+        cmd, env=server_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_outputs(r: Any, n: int, job: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while r.xlen("out") < n:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended early ({job.returncode}): {job.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{r.xlen('out')} of {n} outputs"
+        time.sleep(0.02)
+
+
+def workers_of(job: subprocess.Popen[str]) -> list[psutil.Process]:
+    return [p for p in psutil.Process(job.pid).children(recursive=True) if p.name() == "beamlet-worker"]
+
+
+def kill_harness(job: subprocess.Popen[str]) -> None:
+    job.send_signal(signal.SIGKILL)
+    job.communicate(timeout=30)
+
+
+def test_killed_harness_workers_and_server_lose_and_duplicate_no_event(redis_server, private_dir, sock_path):
+    ckpt = os.path.join(private_dir, "mlp.pt")
+    model = make_checkpoint(ckpt)
+    job = os.path.join(private_dir, "job.py")
+    with open(job, "w") as f:
+        f.write(JOB.format(ckpt=ckpt, url=redis_server.url))
+    r = redis.Redis(unix_socket_path=redis_server.socket)
+    xs = rows(N)
+    producer = Producer(redis_server.socket, xs, rate=2500)
+    producer.start()
+    running = start_job(job, sock_path)
+    try:
+        wait_outputs(r, 1_500, running)
+        kill_harness(running)  # 1: the harness, SIGKILLed (its workers die with it)
+        running = start_job(job, sock_path)
+        wait_outputs(r, 5_000, running)
+        workers = workers_of(running)
+        assert len(workers) == 2, workers
+        for worker in workers:  # 2: two workers
+            worker.kill()
+        wait_outputs(r, 8_000, running)
+        servers = server_processes(sock_path)
+        assert len(servers) == 1, servers
+        servers[0].kill()  # 3: the model server
+        wait_outputs(r, 11_000, running)
+        kill_harness(running)  # 4: the harness again
+        running = start_job(job, sock_path)
+        producer.join(60)
+        assert producer.error is None, producer.error
+        wait_outputs(r, N, running)
+        running.send_signal(signal.SIGTERM)
+        stdout, stderr = running.communicate(timeout=60)
+        assert running.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        summary = json.loads(stdout)
+        assert summary["interrupted"] == "SIGTERM" and summary["latency"]["p99_ms"] > 0
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    entries = r.xrange("out")
+    ids = [int(f[b"id"]) for _, f in entries]
+    assert len(ids) == N and sorted(ids) == list(range(N)), "an event lost or written twice"
+    with torch.inference_mode():
+        want = model(xs)
+    got = torch.tensor([json.loads(f[b"y"]) for _, f in entries])
+    torch.testing.assert_close(got, want[ids], rtol=0, atol=ATOL)
+    assert r.xpending("in", "g")["pending"] == 0  # every input acknowledged
+    assert r.xlen("out:dead_letters") == 0
