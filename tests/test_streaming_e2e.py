@@ -258,3 +258,44 @@ def test_a_new_checkpoint_swaps_in_while_events_flow(redis_server, private_dir, 
             f"{last_v1 - first_v2:+.2f}s from it; longest gap between committed outputs around the swap "
             f"{max(around) * 1000:.0f} ms (at {rate:.0f} events/s)"
         )
+
+
+def test_a_redis_server_that_goes_away_and_comes_back_loses_nothing(redis_server, private_dir, sock_path):
+    ckpt = os.path.join(private_dir, "mlp.pt")
+    model = make_checkpoint(ckpt)
+    job = os.path.join(private_dir, "job.py")
+    with open(job, "w") as f:
+        f.write(JOB.format(ckpt=ckpt, url=redis_server.url))
+    n = 3_000
+    xs = rows(n)
+    producer = Producer(redis_server.socket, xs[: n // 2], rate=3000)
+    producer.start()
+    producer.join(60)
+    running = start_job(job, sock_path)
+    try:
+        r = redis.Redis(unix_socket_path=redis_server.socket)
+        wait_outputs(r, 300, running)
+        redis_server.stop(keep_data=True)  # saved, then gone for a while
+        time.sleep(1.0)  # the job must notice it is gone: it waits, it does not fail
+        assert running.poll() is None, running.stderr.read()[-3000:]
+        redis_server.start()
+        r = redis.Redis(unix_socket_path=redis_server.socket)
+        pipe = r.pipeline(transaction=False)
+        for i in range(n // 2, n):
+            pipe.xadd("in", {"id": str(i), "x": json.dumps(xs[i].tolist())})
+        pipe.execute()
+        wait_outputs(r, n, running)
+        running.send_signal(signal.SIGTERM)
+        _, stderr = running.communicate(timeout=60)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    assert "unreachable" in stderr and "retrying" in stderr, stderr[-3000:]
+    entries = r.xrange("out")
+    ids = sorted(int(f[b"id"]) for _, f in entries)
+    assert ids == list(range(n)), "an event lost or written twice"
+    with torch.inference_mode():
+        want = model(xs)
+    got = {int(f[b"id"]): json.loads(f[b"y"]) for _, f in entries}
+    torch.testing.assert_close(torch.tensor([got[i] for i in range(n)]), want, rtol=0, atol=ATOL)
