@@ -292,8 +292,9 @@ class ModelManager:
         """Evict every idle model on ``device`` (after CUDA ran out of memory)."""
         with self._lock:
             batchers = [self._detach(self._slots[k]) for k in self._idle_keys(device)]
-        self.release(batchers)
-        return len(batchers)
+        evicted = len(batchers)
+        self.release(batchers)  # which empties the list
+        return evicted
 
     def shed(self, device: str, nbytes: int) -> int:
         """Evict idle models on ``device`` until ``nbytes`` are freed (the machine is short
