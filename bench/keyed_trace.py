@@ -116,7 +116,7 @@ def run_server(models, trace, policy: str, budget: int, directory: str) -> dict[
         client = ServerClient(sock, autostart=False)
         handlers = [PytorchModelHandlerTensor(p, TraceBlob, {"d": d}, large_model=True) for _, p, d in models]
         for (key, _, _), h in zip(models, handlers):
-            client._specs[key] = h.model_spec()  # registered lazily, on the first miss
+            client._specs[key] = (h.model_spec(), None)  # registered lazily, on the first miss
         inputs = [torch.randn(ROWS, d) for _, _, d in models]
         started = time.perf_counter()
         for i in progress(trace, policy):

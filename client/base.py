@@ -8,6 +8,7 @@ anything themselves; a user's own subclass of ``ModelHandler`` runs in-process.
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -65,7 +66,8 @@ class ModelHandler(Generic[ExampleT, PredictionT, ModelT]):
     def update_model_path(self, model_path: str | None = None) -> None:
         """Point the handler at a new model file (None: the same file, re-read); the next
         load uses what the file holds then. In a running job ``RunInference`` swaps the
-        model when the handler's ``cache_key`` changes."""
+        model when the handler's ``cache_key`` changes. beamlet's own handlers also take
+        a keyword ``sequence`` (see ``with_sequence``)."""
 
     def share_model_across_processes(self) -> bool:
         """True: one copy of the model per machine, in the model server (large_model)."""
@@ -138,8 +140,10 @@ class _WrappingModelHandler(ModelHandler[Any, Any, Any]):
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         self._base.validate_inference_args(inference_args)
 
-    def update_model_path(self, model_path: str | None = None) -> None:
-        self._base.update_model_path(model_path)
+    def update_model_path(
+        self, model_path: str | None = None, *, sequence: tuple[int, int] | None = None
+    ) -> None:
+        with_sequence(self._base.update_model_path, model_path, sequence=sequence)
 
     def share_model_across_processes(self) -> bool:
         return self._base.share_model_across_processes()
@@ -194,6 +198,18 @@ class _PostProcessingModelHandler(_WrappingModelHandler):
 
     def get_postprocess_fns(self) -> list[Callable[[Any], Any]]:
         return [*self._base.get_postprocess_fns(), self._fn]
+
+
+def with_sequence(update: Callable[..., None], *args: Any, sequence: tuple[int, int] | None) -> None:
+    """Call a handler's ``update_model_path`` (or ``update_model_paths``) for the update
+    at ``sequence``: its place in the run's order of versions, (epoch, n), which the
+    harness gives each update it applies (docs/refresh.md). beamlet's handlers record it
+    and the model server refuses a swap to an older version; a handler whose method has
+    no ``sequence`` (Beam's contract: a user's own) gets the update without it."""
+    if sequence is not None and "sequence" in inspect.signature(update).parameters:
+        update(*args, sequence=sequence)
+    else:
+        update(*args)
 
 
 def _num_bytes(example: Any) -> int:

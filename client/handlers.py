@@ -247,7 +247,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         # One immutable value, replaced whole by an update: a reader never sees a new path
         # with an old revision. ``updates`` > 0: loads swap the server's version (a first
         # load attaches to it), and every update is a new version for this process.
-        self._version = _Version(path, loaders.file_revision(path), 0, given)
+        self._version = _Version(path, loaders.file_revision(path), 0, given, None)
         self._loaded_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._past_ids: dict[str, str] = {}  # absolute -> given paths of earlier versions
         self._model_class = model_class
@@ -358,7 +358,12 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             loaders.apply_env_vars(self._env_vars, self.cache_slot())
             server = shared_client(self._socket_path)
             return RemoteModel(
-                server, self._key, spec, replace=version.updates > 0, batching=self.server_batching()
+                server,
+                self._key,
+                spec,
+                replace=version.updates > 0,
+                batching=self.server_batching(),
+                sequence=version.sequence,
             )
         loaded = loaders.load(spec, self._model_class, owner=self.cache_slot())
         self._resolved_device = loaded.device
@@ -395,13 +400,17 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
         return dict(self._batching)
 
-    def update_model_path(self, model_path: str | None = None) -> None:
+    def update_model_path(
+        self, model_path: str | None = None, *, sequence: tuple[int, int] | None = None
+    ) -> None:
         """Use the model file at ``model_path`` (None: the current file, re-read). Every
         update is a new version for this process, so it loads what the file holds now,
         also a version that failed before. The server's version is the file's identity
         (``loaders.file_revision``): the same path rewritten in place is a new one, and
         every process that updates to the same file sends the same spec, so the model
-        server swaps once."""
+        server swaps once. ``sequence``: the update's place in the run's order, (epoch,
+        n), as the harness gives it; the server refuses to swap back to an older version
+        (None: no order, the last swap wins)."""
         current = self._version
         if model_path == "":
             # Beam keeps the current model when the path is empty (a ModelMetadata side
@@ -414,7 +423,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             self._past_ids[current.path] = current.given
             while len(self._past_ids) > 16:
                 del self._past_ids[next(iter(self._past_ids))]
-        self._version = _Version(path, loaders.file_revision(path), current.updates + 1, given)
+        self._version = _Version(path, loaders.file_revision(path), current.updates + 1, given, sequence)
 
     def get_metrics_namespace(self) -> str:
         return "BeamML_PyTorch"
@@ -425,6 +434,7 @@ class _Version(NamedTuple):
     revision: str
     updates: int
     given: str | None  # as the user gave it: what results name
+    sequence: tuple[int, int] | None = None  # the update's place in the run's order (harness-given)
 
 
 def _check_sources(state_dict_path: Any, model_class: Any, torch_script_model_path: Any) -> None:

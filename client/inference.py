@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from client import batching, refresh
+from client.base import with_sequence
 from client.cache import ModelCache, models
 from client.handlers import ModelHandler
 from client.metrics import InferenceMetrics
@@ -70,12 +71,15 @@ class RunInference:
         self.failed: list[tuple[Any, str]] = []
         self._sizer: batching.BatchSizer | None = None
 
-    def update_model(self, update: Update) -> None:
+    def update_model(self, update: Update, *, sequence: tuple[int, int] | None = None) -> None:
         """Apply one model update: a ModelMetadata (the handler loads ``model_id``), or a
-        list of KeyModelPathMapping for a keyed handler. The swap happens at the next batch."""
+        list of KeyModelPathMapping for a keyed handler. The swap happens at the next batch.
+        ``sequence``: the update's place in the run's order of versions (the harness's;
+        ``client.base.with_sequence``): a large model's server never swaps back to an
+        older one."""
         update = refresh.check(update)
         if isinstance(update, ModelMetadata):
-            self.handler.update_model_path(update.model_id)
+            with_sequence(self.handler.update_model_path, update.model_id, sequence=sequence)
             self.model_name = update.model_name or ""
         else:
             update_paths = getattr(self.handler, "update_model_paths", None)
@@ -83,7 +87,7 @@ class RunInference:
                 raise TypeError(
                     f"{type(self.handler).__name__} takes ModelMetadata updates, not KeyModelPathMapping"
                 )
-            update_paths(None, update)
+            with_sequence(update_paths, None, update, sequence=sequence)
         log.info("model update: %s", update)
 
     def _poll_updates(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from client.base import with_sequence
 from client.cache import ModelCache, models
 from client.handlers import ModelHandler
 
@@ -162,18 +163,25 @@ class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedMod
     def share_model_across_processes(self) -> bool:
         return any(m.mh.share_model_across_processes() for m in self.mappings)
 
-    def update_model_path(self, model_path: str | None = None) -> None:
+    def update_model_path(
+        self, model_path: str | None = None, *, sequence: tuple[int, int] | None = None
+    ) -> None:
         if len(self.mappings) == 1:
-            self.mappings[0].mh.update_model_path(model_path)
+            with_sequence(self.mappings[0].mh.update_model_path, model_path, sequence=sequence)
         else:
             raise ValueError("a keyed handler with several models updates per key (KeyModelPathMapping)")
 
     def update_model_paths(
-        self, model: Any = None, model_paths: list[KeyModelPathMapping] | None = None
+        self,
+        model: Any = None,
+        model_paths: list[KeyModelPathMapping] | None = None,
+        *,
+        sequence: tuple[int, int] | None = None,
     ) -> None:
         """Apply Beam's keyed update: each mapping's keys must all be served by one model,
         whose handler then loads from ``update_path`` (for all of its keys). ``model`` is
-        unused (Beam passes the loaded models)."""
+        unused (Beam passes the loaded models). ``sequence``: the update's place in the
+        run's order (``client.base.with_sequence``), given to each model it moves."""
         plan: list[tuple[int, str]] = []
         for update in model_paths or []:
             indexes = set()
@@ -188,7 +196,7 @@ class KeyedModelHandler(ModelHandler[tuple[str, Any], tuple[str, Any], _KeyedMod
                 )
             plan.append((indexes.pop(), update.update_path))
         for index, path in plan:  # all checked first: an update applies whole or not at all
-            self.mappings[index].mh.update_model_path(path)
+            with_sequence(self.mappings[index].mh.update_model_path, path, sequence=sequence)
 
     def socket_paths(self) -> set[str | None]:
         return set().union(*(m.mh.socket_paths() for m in self.mappings))

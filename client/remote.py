@@ -40,8 +40,10 @@ class RemoteModel:
 
     ``replace``: swap the key to ``spec`` (an update), or attach to the version the key
     already serves (a worker joining a running job), loading ``spec`` only when the key
-    is new to the server. ``batching``: how the server merges the key's requests from
-    every caller (``ServerClient.load``).
+    is new to the server. ``sequence``: the update's place in the key's order; a swap to
+    a version older than the served one attaches to the served one instead, and ``spec``
+    and ``model_id`` then name that. ``batching``: how the server merges the key's
+    requests from every caller (``ServerClient.load``).
     """
 
     def __init__(
@@ -52,11 +54,12 @@ class RemoteModel:
         *,
         replace: bool = False,
         batching: dict[str, Any] | None = None,
+        sequence: tuple[int, int] | None = None,
     ):
         self._server = server
         self.key = key
         self._local = threading.local()
-        info = server.load(key, spec, replace=replace, batching=batching)
+        info = server.load(key, spec, replace=replace, batching=batching, sequence=sequence)
         served = info.get("spec")
         self.spec = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         self.model_id: str = info.get("model_id") or self.spec.model_id

@@ -72,7 +72,7 @@ class ServerClient:
         self.request_timeout = config.request_timeout(request_timeout)
         self.server_args = list(server_args or [])  # for a server this client starts
         self.idle_timeout = idle_timeout  # likewise (default: BEAMLET_SERVER_IDLE_TIMEOUT)
-        self._specs: dict[str, ModelSpec] = {}
+        self._specs: dict[str, tuple[ModelSpec, tuple[int, int] | None]] = {}  # served, with its sequence
         self._batching: dict[str, dict[str, int | float | None]] = {}
         self._reset_pool()
 
@@ -174,19 +174,28 @@ class ServerClient:
         *,
         replace: bool = True,
         batching: dict[str, int | float | None] | None = None,
+        sequence: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes
-        and the spec the key serves. ``replace=False`` attaches to whatever version the key
-        already serves (a worker joining a running job); ``replace=True`` swaps to ``spec``.
-        ``batching``: how the server merges the key's requests from every caller
-        (``max_batch_size``, ``max_batch_duration_secs``; None: the server's defaults)."""
+        """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes,
+        the spec the key serves and its ``sequence``. ``replace=False`` attaches to whatever
+        version the key already serves (a worker joining a running job); ``replace=True``
+        swaps to ``spec``, unless ``sequence`` (the version's place in the key's order,
+        (epoch, n)) is older than the served version's: then the reply says ``stale`` and
+        names the served one. ``batching``: how the server merges the key's requests from
+        every caller (``max_batch_size``, ``max_batch_duration_secs``; None: the server's
+        defaults)."""
         message: dict[str, Any] = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
         if batching is not None:
             message["batching"] = batching
             self._batching[key] = batching
+        if sequence is not None:
+            message["sequence"] = list(sequence)
         reply = self.call(message)
-        served = reply.get("spec")
-        self._specs[key] = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
+        served, order = reply.get("spec"), reply.get("sequence")
+        self._specs[key] = (
+            ModelSpec.from_wire(served) if isinstance(served, dict) else spec,
+            (order[0], order[1]) if isinstance(order, list) else sequence,
+        )
         return reply
 
     def infer(
@@ -197,17 +206,19 @@ class ServerClient:
         request's); ``method`` one of the model's public methods.
 
         If the server has forgotten the model (restart, new server), the spec the key last
-        served for this client is registered again and the batch retried once."""
+        served for this client (with its sequence) is registered again and the batch
+        retried once."""
         message: dict[str, Any] = {"op": "infer", "key": key, "inputs": inputs, "kwargs": kwargs or {}}
         if method != "forward":
             message["method"] = method
         try:
             return self.call(message)
         except ModelNotFound:
-            spec = self._specs.get(key)
-            if spec is None:
+            served = self._specs.get(key)
+            if served is None:
                 raise
-            self.load(key, spec, replace=False, batching=self._batching.get(key))
+            spec, sequence = served
+            self.load(key, spec, replace=False, batching=self._batching.get(key), sequence=sequence)
             return self.call(message)
 
     def status(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ use stand in the way, the load waits up to ``load_wait`` seconds for one to go i
 then fails with OutOfMemory; a model larger than the whole budget is refused at once.
 A watcher (``pressure``) also evicts idle models when the machine itself runs short.
 
-Registering a key again with a different spec swaps versions (``swap``).
+Registering a key again with a different spec swaps versions (``swap``), unless the
+load's sequence says it is older than the version the key serves (``swap.replaces``).
 
 Requests (``submit``) never load on the caller's thread (a connection's reader): a
 request for an evicted model waits beside its slot while one ``reload-<key>`` thread
@@ -52,14 +53,9 @@ DEFAULT_LOAD_WAIT = 30.0
 MAX_RELOADS = 5  # a request whose model is evicted again before it runs, this many times, fails
 
 
-_NO_QUEUE = {
-    "queued": 0,
-    "queued_rows": 0,
-    "queued_bytes": 0,
-    "running": 0,
-    "in_flight": 0,
-    "compute_threads": 0,
-}
+_NO_QUEUE = dict.fromkeys(
+    ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads"), 0
+)
 
 
 @dataclass
@@ -89,6 +85,7 @@ class ModelSlot:
     stats: ModelStats = field(default_factory=ModelStats)
     batch_stats: BatchStats = field(default_factory=BatchStats)  # across loads
     info: dict[str, Any] = field(default_factory=dict)  # what the last load produced; never cleared
+    sequence: tuple[int, int] | None = None  # the served version's place in the key's order
 
     @property
     def loaded(self) -> bool:
@@ -172,12 +169,19 @@ class ModelManager:
 
     # -- the public verbs ---------------------------------------------------------------
     def register(
-        self, key: str, spec: loaders.ModelSpec, *, replace: bool = True, batching: Batching | None = None
+        self,
+        key: str,
+        spec: loaders.ModelSpec,
+        *,
+        replace: bool = True,
+        batching: Batching | None = None,
+        sequence: tuple[int, int] | None = None,
     ) -> ModelSlot:
-        """Make ``key`` serve ``spec``, loading it now. A new spec for a known key swaps
-        (``swap``); with ``replace=False`` a known key keeps the spec it serves.
-        ``batching``: how the key's requests are merged from now on (None: as before, else
-        the defaults)."""
+        """Make ``key`` serve ``spec`` (at ``sequence``), loading it now; the slot serving
+        the key. A new spec for a known key swaps (``swap``) unless it is older than the
+        served one (``swap.replaces``) or ``replace`` is False. ``batching``: how the key's
+        requests are merged from now on (None: as before, else the defaults)."""
+        notes = DeferredLog()
         with self._lock:
             if batching is not None:
                 self._batching[key] = batching
@@ -185,18 +189,22 @@ class ModelManager:
                 if slot is not None and slot.batcher is not None:
                     slot.batcher.configure(batching)
             slot = self._slots.get(key)
-            if slot is not None and slot.loaded and (slot.spec == spec or not replace):
-                return slot
+            kept = (
+                slot is not None and slot.loaded and not swap.replaces(slot, spec, replace, sequence, notes)
+            )
+        notes.flush()  # what replaces() noted under the lock
+        if kept and slot is not None:
+            return slot
         with self._loading() as notes:
             with self._lock:
                 slot = self._slots.get(key)
-                if slot is not None and slot.loaded and (slot.spec == spec or not replace):
-                    return slot
-                if slot is not None and not replace:
-                    spec = slot.spec  # evicted: reload what the key serves, not the caller's
+                if slot is not None and not swap.replaces(slot, spec, replace, sequence, notes):
+                    if slot.loaded:
+                        return slot
+                    spec, sequence = slot.spec, slot.sequence  # evicted: reload what the key serves
             if slot is not None and slot.loaded:
-                return swap.swap(self, key, spec, slot, notes)
-            return self.load(key, spec, slot, notes)
+                return swap.swap(self, key, spec, sequence, slot, notes)
+            return self.load(key, spec, sequence, slot, notes)
 
     def submit(self, key: str, work: Work) -> None:
         """Run ``work`` on ``key``'s model: hand it to the model's batcher (which may run
@@ -285,15 +293,16 @@ class ModelManager:
                     raise ModelNotFound(f"no model registered under key {key!r}")
                 if slot.batcher is not None:
                     return
-                spec = slot.spec  # read under the load lock: a newer registration wins
-            self.load(key, spec, slot, notes)
+                spec, sequence = slot.spec, slot.sequence  # under the load lock: a newer registration wins
+            self.load(key, spec, sequence, slot, notes)
 
     def relieve(self, device: str) -> int:
         """Evict every idle model on ``device`` (after CUDA ran out of memory)."""
         with self._lock:
             batchers = [self._detach(self._slots[k]) for k in self._idle_keys(device)]
-        self.release(batchers)
-        return len(batchers)
+        evicted = len(batchers)
+        self.release(batchers)  # which empties the list
+        return evicted
 
     def shed(self, device: str, nbytes: int) -> int:
         """Evict idle models on ``device`` until ``nbytes`` are freed (the machine is short
@@ -348,6 +357,7 @@ class ModelManager:
                     "swaps": s.stats.swaps,
                     "failed_swaps": s.stats.failed_swaps,
                     "revision": s.spec.revision,
+                    "sequence": list(s.sequence) if s.sequence is not None else None,
                     "load_seconds": round(s.stats.load_seconds, 4),
                     **s.batch_stats.as_dict(),
                 }
@@ -398,9 +408,17 @@ class ModelManager:
         finally:
             notes.flush()
 
-    def load(self, key: str, spec: loaders.ModelSpec, old: ModelSlot | None, notes: DeferredLog) -> ModelSlot:
-        """Under the load lock: make room, load, measure, install. A loaded ``old``
-        version is retired (``swap.retire``) once the new one serves."""
+    def load(
+        self,
+        key: str,
+        spec: loaders.ModelSpec,
+        sequence: tuple[int, int] | None,
+        old: ModelSlot | None,
+        notes: DeferredLog,
+    ) -> ModelSlot:
+        """Under the load lock: make room, load, measure, install ``spec`` as the version
+        at ``sequence``. A loaded ``old`` version is retired (``swap.retire``) once the new
+        one serves."""
         device = loaders.resolve_device(spec.device, notes)
         budget = self.budget(device)
         same = old is not None and old.spec == spec and old.footprint
@@ -449,6 +467,7 @@ class ModelManager:
                 compute=self.compute,
             )
             slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
+            slot.sequence = sequence
             slot.batch_stats = batch_stats
             slot.info = {
                 "model_id": batcher.model_id,
@@ -523,10 +542,10 @@ class ModelManager:
         with self._lock:
             return self._detach(slot, evicted=False)
 
-    def set_spec(self, slot: ModelSlot, spec: loaders.ModelSpec) -> None:
-        """Make an unloaded key serve ``spec`` when it next loads."""
+    def set_spec(self, slot: ModelSlot, spec: loaders.ModelSpec, sequence: tuple[int, int] | None) -> None:
+        """Make an unloaded key serve ``spec`` (at ``sequence``) when it next loads."""
         with self._lock:
-            slot.spec = spec
+            slot.spec, slot.sequence = spec, sequence
 
     def release(self, batchers: list[Batcher]) -> None:
         """Outside the registry lock: let detached models finish their queued batches,

@@ -17,7 +17,9 @@ nothing for 5 s (``connection.HEARTBEAT_INTERVAL``); clients skip it.
     load      key, spec (a ModelSpec as a map),     model_id, device, nbytes, footprint,
               replace (bool, default true: a key    methods (the public methods a request
               serving another spec swaps to this    may name), spec (the spec the key
-              one; false: the key keeps its spec)   serves now)
+              one; false: the key keeps its spec),  serves now), sequence (the served
+              sequence ([epoch, n], optional: the   version's, or null), stale (true when
+              version's place in its key's order)   an older version attached instead)
     infer     key, inputs, kwargs, method           outputs, model_id
               (inputs: the batch, rows along dim 0, concatenated with other requests'
               when merged, never in the deterministic mode; kwargs: side arguments,
@@ -30,7 +32,8 @@ Errors of an ``infer``: unknown_model (no such key), bad_request (a method that 
 public), bad_input (arguments the method's signature does not take), model_error (the
 model raised; its traceback in the message), overloaded (the model's queue is full:
 retry after ``retry_after`` seconds), out_of_memory, internal. Of a ``load``:
-load_failed, out_of_memory. Of any request: bad_request (unknown op, missing or mistyped
+load_failed, out_of_memory, bad_request (another version under the sequence the key's
+version has). Of any request: bad_request (unknown op, missing or mistyped
 field); of ``shm_attach``: bad_request (no or a bad descriptor, a size out of bounds,
 already attached, other requests in flight: the client carries on without shared
 memory).
@@ -69,13 +72,16 @@ class ShmAttach:
 class Load:
     """Register ``spec`` under ``key`` and load it. ``replace``: a key that already serves
     another spec swaps to this one; without it the key keeps what it serves (a worker
-    joining a running job attaches to the job's current version)."""
+    joining a running job attaches to the job's current version). ``sequence``: the
+    version's place in the key's order, (epoch, n); a swap to a version older than the
+    served one is refused (None: no order, the last ``replace`` wins)."""
 
     id: int
     key: str
     spec: dict[str, Any]
     replace: bool = True
     batching: Batching | None = None
+    sequence: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,9 @@ def parse_request(msg: Any) -> Request:
         replace = msg.get("replace", True)
         if not isinstance(replace, bool):
             raise BadRequest(f"request field 'replace' must be bool, got {replace!r:.60}")
-        return Load(rid, _field(msg, "key", str), _field(msg, "spec", dict), replace, _batching(msg))
+        return Load(
+            rid, _field(msg, "key", str), _field(msg, "spec", dict), replace, _batching(msg), _sequence(msg)
+        )
     if op == "hello":
         return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))
     if op == "shm_attach":
@@ -180,3 +188,17 @@ def _batching(msg: dict[str, Any]) -> Batching | None:
     ):
         raise BadRequest(f"batching.max_batch_duration_secs must be seconds in [0, 3600), got {delay!r:.40}")
     return Batching.from_handler(size, delay)
+
+
+def _sequence(msg: dict[str, Any]) -> tuple[int, int] | None:
+    """A load's optional ``sequence``: [epoch, n], two non-negative ints."""
+    data = msg.get("sequence")
+    if data is None:
+        return None
+    if (
+        not isinstance(data, (list, tuple))
+        or len(data) != 2
+        or not all(type(v) is int and v >= 0 for v in data)
+    ):
+        raise BadRequest(f"request field 'sequence' must be [epoch, n], two ints >= 0, got {data!r:.60}")
+    return (data[0], data[1])

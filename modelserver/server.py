@@ -328,9 +328,22 @@ class ModelServer:
         def run() -> None:
             try:
                 slot = self.manager.register(
-                    request.key, spec, replace=request.replace, batching=request.batching
+                    request.key,
+                    spec,
+                    replace=request.replace,
+                    batching=request.batching,
+                    sequence=request.sequence,
                 )
-                conn.send(protocol.ok_reply(request.id, **slot.info))
+                served = slot.sequence
+                conn.send(
+                    protocol.ok_reply(
+                        request.id,
+                        **slot.info,
+                        sequence=list(served) if served is not None else None,
+                        # a swap left another version serving: refused, older than it
+                        stale=request.replace and slot.spec != spec,
+                    )
+                )
             except BeamletError as exc:
                 conn.send(protocol.error_reply(request.id, exc))
             except Exception as exc:

@@ -17,6 +17,12 @@ something else (the new version was written over it).
 
 A version that fails to load is rejected with a logged error; the old one keeps serving.
 Either way ``stats.failed_swaps`` counts it.
+
+Versions only move forward (``replaces``): a load may carry its version's sequence,
+(epoch, n), which the harness gives each update of a run (a later run's epoch is
+larger). A swap to a version older than the one the key serves is refused: the load
+attaches to the served version. Loads without a sequence keep the older rule, the last
+one swaps, and leave the key's version without an order.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from modelserver import loaders
 from modelserver.batcher import Batcher
+from modelserver.errors import BadRequest
 from modelserver.measure import estimate_bytes
 from modelserver.serverlog import DeferredLog
 
@@ -37,16 +44,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("beamlet.manager")
 
 
+def replaces(
+    slot: ModelSlot,
+    spec: loaders.ModelSpec,
+    replace: bool,
+    sequence: tuple[int, int] | None,
+    notes: DeferredLog,
+) -> bool:
+    """Under the registry lock: whether a load of ``spec`` at ``sequence`` swaps the
+    version ``slot`` serves (False: the load attaches to it). The same spec never swaps,
+    and under a newer sequence moves the served one on (a version between the two is
+    older too); nor does anything with ``replace`` False, or older than what serves (a
+    late load: noted in ``notes``). Another spec under the served sequence is BadRequest:
+    one update cannot be two versions."""
+    if slot.spec == spec:
+        if sequence is not None and (slot.sequence is None or sequence > slot.sequence):
+            slot.sequence = sequence
+        return False
+    if not replace:
+        return False
+    if sequence is None or slot.sequence is None:
+        return True  # no order to keep: the last load swaps
+    if sequence == slot.sequence:
+        raise BadRequest(
+            f"model {slot.key!r}: {spec.model_id} comes with sequence {list(sequence)}, under "
+            f"which {slot.spec.model_id} already serves; one update cannot be two versions"
+        )
+    if sequence < slot.sequence:
+        notes.info(
+            log,
+            "%s: not swapping to %s (sequence %s), older than %s (sequence %s), which keeps serving",
+            slot.key, spec.model_id, list(sequence), slot.spec.model_id, list(slot.sequence),
+        )  # fmt: skip
+        return False
+    return True
+
+
 def swap(
-    manager: ModelManager, key: str, spec: loaders.ModelSpec, old: ModelSlot, notes: DeferredLog
+    manager: ModelManager,
+    key: str,
+    spec: loaders.ModelSpec,
+    sequence: tuple[int, int] | None,
+    old: ModelSlot,
+    notes: DeferredLog,
 ) -> ModelSlot:
-    """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``."""
+    """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``, the
+    version at ``sequence``."""
     device = loaders.resolve_device(spec.device, notes)
     expected = max(estimate_bytes(spec), old.footprint if old.device == device else 0)
     beside = manager.budget(device) is None or manager.make_room(key, device, expected, notes, wait=False)
     try:
         if beside:
-            return manager.load(key, spec, old, notes)
+            return manager.load(key, spec, sequence, old, notes)
         loaders.check(spec)
     except Exception as exc:
         old.stats.failed_swaps += 1
@@ -60,27 +109,29 @@ def swap(
         )
         raise
     notes.info(log, "swapping %s: %s cannot hold both versions; draining the old one first", key, device)
-    old_spec = old.spec
+    old_spec, old_sequence = old.spec, old.sequence
     manager.release([manager.take_out_of_service(old)])
     try:
-        return manager.load(key, spec, old, notes)
+        return manager.load(key, spec, sequence, old, notes)
     except Exception as exc:
         old.stats.failed_swaps += 1
-        _restore(manager, key, old_spec, old, spec, exc, notes)
+        _restore(manager, key, (old_spec, old_sequence), old, (spec, sequence), exc, notes)
         raise
 
 
 def _restore(
     manager: ModelManager,
     key: str,
-    old_spec: loaders.ModelSpec,
+    old_version: tuple[loaders.ModelSpec, tuple[int, int] | None],
     old: ModelSlot,
-    spec: loaders.ModelSpec,
+    version: tuple[loaders.ModelSpec, tuple[int, int] | None],
     exc: Exception,
     notes: DeferredLog,
 ) -> None:
-    """After a drained swap whose new version failed to load: load the old one back,
-    if its file still holds it (not when the new version was written over it)."""
+    """After a drained swap whose new version (spec, sequence) failed to load: load the
+    old one back, if its file still holds it (not when the new version was written over
+    it)."""
+    old_spec, spec = old_version[0], version[0]
     replaced = old_spec.revision and loaders.file_revision(old_spec.path) != old_spec.revision
     if old_spec.path == spec.path or replaced:
         notes.error(
@@ -90,10 +141,10 @@ def _restore(
             "is registered: %s",
             key, spec.model_id, key, exc,
         )  # fmt: skip
-        manager.set_spec(old, spec)  # what the file holds; a later request retries it
+        manager.set_spec(old, *version)  # what the file holds; a later request retries it
         return
     try:
-        manager.load(key, old_spec, old, notes)
+        manager.load(key, *old_version, old, notes)
     except Exception as again:
         notes.error(
             log, "new version of %s rejected, and the old one failed to load back: %s; %s", key, exc, again

@@ -13,7 +13,7 @@ sends each message in step):
     worker -> harness  result          bundle, attempt, outputs, dead_letters, metrics
     worker -> harness  bundle_failed   bundle, attempt, error, traceback   (user code raised)
     worker -> harness  heartbeat       -   (every HEARTBEAT_SECONDS, from its own thread)
-    harness -> worker  update_model    step, update   (a new model version for RunInference step ``step``)
+    harness -> worker  update_model    step, update, sequence   (a new model version for RunInference step ``step``)
     harness -> worker  stop            -   (finish in-flight bundles, then exit 0)
 
 Elements, outputs and dead letters are whatever msgpack and the wire's array encoding
@@ -53,7 +53,7 @@ MESSAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "result": (TO_HARNESS, ("bundle", "attempt", "outputs", "dead_letters", "metrics")),
     "bundle_failed": (TO_HARNESS, ("bundle", "attempt", "error", "traceback")),
     "heartbeat": (TO_HARNESS, ()),
-    "update_model": (TO_WORKER, ("step", "update")),
+    "update_model": (TO_WORKER, ("step", "update", "sequence")),
     "stop": (TO_WORKER, ()),
 }
 

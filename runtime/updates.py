@@ -8,6 +8,13 @@ harness loop then ``apply``s each one to its own copy of the step and sends the 
 to every worker, and ``replay``s the latest one per step to a worker that says hello
 later (forked from the run's zygote, it holds the steps as the run began), before any
 bundle.
+
+Each update applied gets a sequence, (epoch, n): ``epoch`` is the feed's making time
+(``time.time_ns()``), so a later run's updates order after an earlier one's on a model
+server that outlives a run; ``n`` counts the run's updates from 1, across all its steps,
+so two steps that share a model in the server are ordered too. The message carries it,
+the handler records it, and the server never swaps a model back to an older version
+(a worker that loads the previous version late attaches to the newer one).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from client import refresh
@@ -31,7 +39,9 @@ class ModelUpdateFeed:
     def __init__(self, pipeline: Pipeline, events: queue.Queue[tuple[str, Any, Any]]):
         self.pipeline = pipeline
         self.events = events
-        self.latest: dict[int, dict[str, Any]] = {}  # step index -> its latest update, as sent
+        self.latest: dict[int, dict[str, Any]] = {}  # step index -> its latest update message
+        self.epoch = time.time_ns()
+        self.applied = 0  # the n of the last update's sequence
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -67,18 +77,22 @@ class ModelUpdateFeed:
         """Apply a checked update here; the message to send to every worker, or None when
         the step refuses it."""
         transform = self.pipeline.steps[index].transform  # type: ignore[attr-defined]
+        sequence = (self.epoch, self.applied + 1)
         try:
-            transform.update_model(update)
+            transform.update_model(update, sequence=sequence)
         except (TypeError, ValueError) as exc:
             log.error("model update %s for step %d rejected: %s", update, index, exc)
             return None
-        self.latest[index] = refresh.to_wire(update)
-        return _message(index, self.latest[index])
+        self.applied += 1
+        self.latest[index] = {
+            "op": "update_model",
+            "step": index,
+            "update": refresh.to_wire(update),
+            "sequence": list(sequence),
+        }
+        return self.latest[index]
 
     def replay(self) -> list[dict[str, Any]]:
-        """What a worker that says hello now must receive before any bundle."""
-        return [_message(index, wire) for index, wire in self.latest.items()]
-
-
-def _message(index: int, wire: dict[str, Any]) -> dict[str, Any]:
-    return {"op": "update_model", "step": index, "update": wire}
+        """What a worker that says hello now must receive before any bundle: each step's
+        latest update, with its sequence as first sent."""
+        return list(self.latest.values())

@@ -122,7 +122,8 @@ class Worker:
         loading now, and batches use it once loaded."""
         try:
             transform = self.steps[int(message["step"])].transform  # type: ignore[attr-defined]
-            transform.update_model(refresh.from_wire(message["update"]))
+            epoch, n = message["sequence"]
+            transform.update_model(refresh.from_wire(message["update"]), sequence=(int(epoch), int(n)))
             transform.prefetch()
         except Exception:
             log.exception("worker %d: model update %r failed", self.worker_id, message.get("update"))
