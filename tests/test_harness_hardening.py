@@ -124,10 +124,10 @@ class WaitForTheDeath(RunInference):
         self.harness: Harness | None = None
         self.harness_pid = os.getpid()
 
-    def update_model(self, update: Any) -> None:
+    def update_model(self, update: Any, **kwargs: Any) -> None:
         if os.getpid() == self.harness_pid:
             self._wait_for_the_death()
-        super().update_model(update)
+        super().update_model(update, **kwargs)
 
     def _wait_for_the_death(self) -> None:
         pid_file = os.path.join(self.dir, "pid")
