@@ -23,17 +23,34 @@ from runtime.pipeline import (
 )
 from runtime.summary import RunSummary
 from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
+from runtime.windows import (
+    CombinePerKey,
+    CountPerKey,
+    FixedWindows,
+    GlobalWindows,
+    HarnessSteps,
+    IntervalWindow,
+    SlidingWindows,
+    WindowedResult,
+    WindowInto,
+)
 
 __all__ = [
     "BundleResult",
     "CannotStart",
     "Collect",
+    "CombinePerKey",
+    "CountPerKey",
     "Create",
     "FileInfo",
     "FileStore",
     "Filter",
+    "FixedWindows",
     "FlatMap",
+    "GlobalWindows",
     "Harness",
+    "HarnessSteps",
+    "IntervalWindow",
     "KeyModelPathMapping",
     "LocalFiles",
     "Map",
@@ -45,7 +62,10 @@ __all__ = [
     "ReadFromText",
     "RunInference",
     "RunSummary",
+    "SlidingWindows",
     "WatchFilePattern",
+    "WindowInto",
+    "WindowedResult",
     "WriteToJsonLines",
     "WriteToText",
 ]
