@@ -25,17 +25,34 @@ from runtime.pipeline import (
 from runtime.streams import ReadFromRedisStream, WriteToRedisStream
 from runtime.summary import RunSummary
 from runtime.watch import FileInfo, FileStore, LocalFiles, WatchFilePattern
+from runtime.windows import (
+    CombinePerKey,
+    CountPerKey,
+    FixedWindows,
+    GlobalWindows,
+    HarnessSteps,
+    IntervalWindow,
+    SlidingWindows,
+    WindowedResult,
+    WindowInto,
+)
 
 __all__ = [
     "BundleResult",
     "CannotStart",
     "Collect",
+    "CombinePerKey",
+    "CountPerKey",
     "Create",
     "FileInfo",
     "FileStore",
     "Filter",
+    "FixedWindows",
     "FlatMap",
+    "GlobalWindows",
     "Harness",
+    "HarnessSteps",
+    "IntervalWindow",
     "KeyModelPathMapping",
     "LocalFiles",
     "Map",
@@ -51,8 +68,11 @@ __all__ = [
     "ReadFromTextTail",
     "RunInference",
     "RunSummary",
+    "SlidingWindows",
     "TailPosition",
     "WatchFilePattern",
+    "WindowInto",
+    "WindowedResult",
     "WriteToJsonLines",
     "WriteToRedisStream",
     "WriteToText",

@@ -169,6 +169,8 @@ class Harness:
         bundles: Iterator[Any] = source.bundles(self.bundle_size, self.max_bundle_wait)
         checkpoint, resumed = None, 0
         if self.checkpoint is not None:
+            if pipeline.split()[1]:
+                raise CannotStart("--checkpoint cannot resume a grouping step's open windows: run without it")
             checkpoint = Checkpoint(self.checkpoint, Pipeline(source, pipeline.steps, sink), self.bundle_size)
             resumed = checkpoint.load()
             if resumed:
@@ -282,6 +284,11 @@ class _Session:
         self._futures: set[Future[BundleResult]] = set()
         self._lock = threading.Lock()
         self.run = _Run(harness, Pipeline.of(pipeline), self._bundles(), _Gather(), total=None)
+        if self.run.harness_steps:
+            raise ValueError(
+                "process() and submit() take element-wise steps; a grouping step (CountPerKey, "
+                "CombinePerKey) needs run() with a sink"
+            )
         self.run.on_commit = self._committed
         self.failure: BaseException | None = None
         self.run.start()  # on the caller's thread: a run that cannot start raises here
@@ -375,6 +382,12 @@ class _Run:
     ):
         self.h = harness
         self.pipeline = pipeline
+        try:
+            # grouping steps (CountPerKey, CombinePerKey) and what follows them run here
+            self.worker_steps, self.harness_steps = pipeline.split()
+        except ValueError as exc:
+            raise CannotStart(str(exc)) from None
+        self._advanced = 0.0
         self.sink = sink
         self.total = total
         self.on_commit: Any = None  # called with (BundleResult, ack) as each bundle commits
@@ -432,7 +445,7 @@ class _Run:
         try:
             if self.h.pipeline_ref is None:
                 # First: before this run starts a thread or opens a socket or a file.
-                self.zygote = self.pool.zygote = Zygote(self.pipeline.steps)
+                self.zygote = self.pool.zygote = Zygote(self.worker_steps)
             self.run_dir = tempfile.mkdtemp(prefix="beamlet-run-")
             os.chmod(self.run_dir, 0o700)
             self.pool.control_path = os.path.join(self.run_dir, "control.sock")
@@ -465,6 +478,8 @@ class _Run:
             self._loop()
             stopped = self.h._stop_signal is not None
             if self.failure is None and (not stopped or self.summary.unbounded):
+                if self.harness_steps:  # the end of the input (or a drain): every open window
+                    self._write(*self.harness_steps.finish())
                 self.sink.close()  # a signal from here on only hurries the clean-up
                 completed = True
                 if self.checkpoint is not None:
@@ -570,6 +585,7 @@ class _Run:
             self._read_input()
             self._assign()
             self._handle_events(timeout=0.05)
+            self._advance_windows()
             self.reap_workers()
             self.murder_workers()
             self._watch_model_server()
@@ -733,6 +749,9 @@ class _Run:
         """Write completed bundles to the sink in input order, each exactly once, with
         their dead letters, and acknowledge their input."""
         for index, outputs, dead, ack, arrived in self.ledger.commit():
+            if self.harness_steps:
+                outputs, more = self.harness_steps.process(outputs, arrived)
+                dead = dead + more
             self.sink.commit(outputs, dead, [ack] if ack is not None else [], self.pipeline.source)
             self.summary.outputs += len(outputs)
             self.summary.add_dead_letters(dead)
@@ -752,6 +771,26 @@ class _Run:
             if self._bar is not None:
                 self._bar.update(len(outputs) + len(dead))
                 self._show_latency()
+
+    def _write(self, outputs: list[Any], dead: list[dict[str, Any]]) -> None:
+        """Outputs of the harness's own steps that belong to no bundle (windows closed by
+        time or by the end of the input)."""
+        if outputs or dead:
+            self.sink.commit(outputs, dead, [], None)
+            self.summary.outputs += len(outputs)
+            self.summary.add_dead_letters(dead)
+
+    def _advance_windows(self) -> None:
+        """On a stream windowed by arrival time, close the windows whose end has passed
+        even when nothing arrives (at most once a second)."""
+        now = time.time()
+        if not self.harness_steps or not self.summary.unbounded or now - self._advanced < 1.0:
+            return
+        grouping = self.harness_steps.grouping
+        if grouping is None or grouping.timestamp_fn is not None:
+            return  # event time comes from the elements: only they move the watermark
+        self._advanced = now
+        self._write(*self.harness_steps.advance(now))
 
     def _show_latency(self) -> None:
         """The progress line's end-to-end latency, at most once a second."""

@@ -23,12 +23,15 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from client.inference import InferenceMetrics, RunInference, models
 from runtime.errors import CannotStart
+
+if TYPE_CHECKING:
+    from runtime.windows import HarnessSteps
 
 
 class Step:
@@ -475,6 +478,14 @@ class Pipeline:
         parts += [s.label for s in self.steps]
         parts.append(type(self.sink).__name__ if self.sink else "(results)")
         return " | ".join(parts)
+
+    def split(self) -> tuple[list[Step], HarnessSteps]:
+        """The steps for the workers, and those for the harness: a grouping step
+        (``CountPerKey``, ``CombinePerKey``) holds state across bundles, so it and the
+        steps after it run once, in the harness, at commit (runtime/windows.py)."""
+        from runtime.windows import split_steps  # windows.py builds on this module
+
+        return split_steps(self.steps)
 
     def inference_steps(self) -> list[InferenceStep]:
         return [s for s in self.steps if isinstance(s, InferenceStep)]

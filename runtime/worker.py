@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BOOT_FAILED
     channel = ControlChannel(sock)
     try:
-        steps = load_pipeline(args.pipeline, args.input, args.output).steps
+        steps, _ = load_pipeline(args.pipeline, args.input, args.output).split()  # the workers' part
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         print(f"runtime.worker: cannot boot: {error}", file=sys.stderr)

@@ -302,3 +302,29 @@ def test_a_followed_file_flows_through_the_harness_and_acks_what_committed(priva
     assert sink.values == [f"EVENT {i}" for i in range(300)]
     assert box["s"].interrupted == "SIGTERM" and box["s"].latency
     assert source.acked is not None and source.acked.offset == os.path.getsize(path)
+
+
+def test_windows_by_arrival_time_close_on_an_idle_stream():
+    """A stream windowed by arrival time: a window's count comes out once its end has
+    passed, though nothing more arrives."""
+    from runtime import CountPerKey, FixedWindows, WindowInto
+
+    source = QueueSource()
+    sink = Collect()
+    h = Harness(workers=1, threads=1, bundle_size=8, max_bundle_wait=0.02, progress=False)
+    box: dict[str, Any] = {}
+    pipeline = source | Map(lambda x: ("k", x)) | WindowInto(FixedWindows(1)) | CountPerKey() | sink
+    runner = threading.Thread(target=lambda: box.update(s=h.run(pipeline)))
+    runner.start()
+    try:
+        for i in range(5):
+            source.queue.put(i)
+        deadline = time.monotonic() + 15
+        while sum(w.value for w in list(sink.values)) < 5:
+            assert time.monotonic() < deadline, f"windows not closed: {sink.values}"
+            time.sleep(0.02)
+    finally:
+        h.request_stop(signal.SIGTERM)
+        runner.join(60)
+    assert all(w.key == "k" and w.window.end - w.window.start == 1 for w in sink.values)
+    assert sum(w.value for w in sink.values) == 5 and box["s"].interrupted == "SIGTERM"

@@ -129,7 +129,7 @@ def test_body_must_match_the_array_descriptors():
         read_raw(frame(liar, b"\0" * 8))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.binary(max_size=200))
 def test_fuzzed_bytes_give_a_message_or_a_protocol_error(data):
     try:
@@ -138,7 +138,7 @@ def test_fuzzed_bytes_give_a_message_or_a_protocol_error(data):
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(header=st.binary(max_size=120), body=st.binary(max_size=64))
 def test_fuzzed_headers_behind_a_valid_prefix(header, body):
     try:
