@@ -2,6 +2,7 @@
 against in-process against a raw torch loop.
 
     python -m bench.cli_runs [--small 6400] [--large 38400] [--repeats 3] [--workers 2] [--threads 2]
+                             [--compute-threads 1]
 
 The MLP of ``bench.compare`` (512 -> 2048 -> 2048 -> 16), batch 64, in a pipeline file
 ``ReadFromNpy | RunInference | Map(label) | WriteToJsonLines`` written to a private temp
@@ -10,7 +11,9 @@ started by the run). Each mode runs on two input sizes; the steady-state rate is
 extra rows over the extra seconds, and start-up is what the small run took beyond its
 rows at that rate. Runs are interleaved (mode and size rotate) and reported as medians,
 with the share of the CPUs other processes took meanwhile. The raw loop runs the same
-batches in this process, between the CLI runs.
+batches in this process, between the CLI runs. ``--compute-threads 1`` adds a
+large_model mode whose server runs one forward at a time over all cores (the server's
+default is one forward per core), to compare the two.
 """
 
 from __future__ import annotations
@@ -50,9 +53,13 @@ def build_pipeline(input, output):
 """
 
 
-def cli_run(job: str, rows: str, out: str, sock: str, workers: int, threads: int) -> float:
+def cli_run(
+    job: str, rows: str, out: str, sock: str, workers: int, threads: int, server_args: str = ""
+) -> float:
     cmd = [sys.executable, "-m", "runtime", "run", job, "--input", rows, "--output", out]
     cmd += ["--workers", str(workers), "--threads", str(threads), "--socket", sock, "--no-progress"]
+    if server_args:
+        cmd += ["--server-args", server_args]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=common.child_env(), cwd=common.ROOT, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
@@ -77,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument(
+        "--compute-threads",
+        default="",
+        metavar="K,...",
+        help="also run large_model with the server's --compute-threads K, for each K (the default "
+        "is one per core)",
+    )
     args = parser.parse_args(argv)
     modes = {"large_model": True, "in_process": False}
+    server_args = {"large_model": "", "in_process": ""}
+    for k in filter(None, args.compute_threads.split(",")):
+        modes[f"large_model_k{k}"] = True
+        server_args[f"large_model_k{k}"] = f"--compute-threads {int(k)}"
     sizes = {"small": args.small, "large": args.large}
     seconds: dict[str, dict[str, list[float]]] = {m: {s: [] for s in sizes} for m in modes}
     foreign: list[float] = []
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             np.save(paths[size], data[:n].numpy())
         jobs = {}
         for mode, large in modes.items():
-            jobs[mode] = os.path.join(d, f"job_{mode}.py")
+            jobs[mode] = os.path.join(d, f"job_{large}.py")
             with open(jobs[mode], "w") as f:
                 f.write(PIPELINE.format(large=large, state=state))
         raw_rate(state, data[:1280])  # warm-up
@@ -105,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, size in rotated:
                 meter = common.LoadMeter().start()
                 t = cli_run(jobs[mode], paths[size], os.path.join(d, "out.jsonl"), os.path.join(d, "ms.sock"),
-                            args.workers, args.threads)  # fmt: skip
+                            args.workers, args.threads, server_args[mode])  # fmt: skip
                 foreign.append(meter.stop()["foreign"])
                 seconds[mode][size].append(t)
                 done += 1
@@ -138,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"| raw torch loop | - | {median(raw):,.0f} | 1.00 |")
     print(f"steady state large_model / in-process: {rate['large_model'] / rate['in_process']:.2f}")
+    for mode in modes:
+        if mode.startswith("large_model_k"):
+            print(
+                f"steady state {mode} / large_model (one forward per core): {rate[mode] / rate['large_model']:.2f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

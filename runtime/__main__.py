@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         help="record each committed bundle in DIR; the same command after a crash continues "
         "from the first uncommitted bundle (bounded input, file output)",
     )
+    run.add_argument(
+        "--server-args",
+        default=None,
+        metavar="ARGS",
+        help="more options for the model server the run starts, as one string "
+        "(e.g. '--threads 2 --compute-threads 1'; see python -m modelserver serve --help)",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         max_bundle_wait=args.max_bundle_wait,
         bundle_timeout=args.bundle_timeout,
         socket_path=args.socket,
-        server_args=["--memory-budget", args.memory_budget] if args.memory_budget else [],
+        server_args=(["--memory-budget", args.memory_budget] if args.memory_budget else [])
+        + shlex.split(args.server_args or ""),
         progress=False if args.no_progress else None,
         pipeline_ref=args.pipeline if args.exec_workers or started > 0 else None,
         pipeline_args=(args.input, args.output),
