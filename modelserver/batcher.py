@@ -206,7 +206,9 @@ class Batcher:
         self._queue: deque[Work] = deque()
         self._queued_rows = 0
         self._queued_bytes = 0
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # idle compute threads wait on it (and drain)
+        self._more = threading.Condition(lock)  # the thread gathering a batch waits on it
         compute = compute or Compute()
         cpu = str(model.device) == "cpu"
         self._threads_n = compute.threads if merge and cpu else 1
@@ -262,7 +264,7 @@ class Batcher:
         """Take new batching settings (a handler registered the model again)."""
         with self._cond:
             self.batching = batching
-            self._cond.notify_all()
+            self._more.notify()
 
     def submit(self, work: Work) -> None:
         """Queue a request for the batcher thread, or refuse it with Overloaded when the
@@ -279,7 +281,7 @@ class Batcher:
             self._queued_rows += work.rows
             self._queued_bytes += work.nbytes
             self._callers[work.caller] = work.enqueued
-            self._cond.notify_all()
+            self._wake()
         if work.done is not None:
             while not work.done.wait(1.0):
                 if not any(t.is_alive() for t in self._threads):
@@ -319,6 +321,7 @@ class Batcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._more.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -361,8 +364,18 @@ class Batcher:
                     self._fill(batch)
                 finally:
                     self._gathering = False
-                    self._cond.notify_all()
+                    if self._queue:
+                        self._cond.notify()  # what did not fit is another thread's
             return batch
+
+    def _wake(self) -> None:
+        """Under the lock: a request has come. The thread gathering a batch may take it;
+        else one idle thread (not all: on a small machine every needless wake-up costs
+        the forward that runs meanwhile)."""
+        if self._gathering:
+            self._more.notify()
+        else:
+            self._cond.notify()
 
     def _dequeued(self, work: Work) -> None:
         self._queued_rows -= work.rows
@@ -384,7 +397,7 @@ class Batcher:
             remaining = deadline - now
             if remaining <= 0 or not self._callers_missing(batch, now):
                 return
-            self._cond.wait(remaining)
+            self._more.wait(remaining)
 
     def _merge_queued(self, batch: list[Work], rows: int) -> int:
         """Under the lock: move every queued request that fits into ``batch``."""
