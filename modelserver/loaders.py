@@ -242,19 +242,25 @@ def resolve_device(requested: str, notes: DeferredLog | None = None) -> str:
 
 
 def load(
-    spec: ModelSpec, model_class: Any = None, *, owner: str | None = None, notes: DeferredLog | None = None
+    spec: ModelSpec,
+    model_class: Any = None,
+    *,
+    owner: str | None = None,
+    notes: DeferredLog | None = None,
+    device: str | None = None,
 ) -> LoadedModel:
     """Load a model; any failure becomes a ModelLoadError that says what and where.
 
     ``model_class``: the live class (or factory) when the caller has it, as a worker
     loading its own small model does; otherwise the spec's class reference is resolved.
     ``owner``: who the model is in this process (its key), for ``apply_env_vars``.
-    ``notes``: where its warnings go when the caller holds a lock (the server's load lock)."""
+    ``notes``: where its warnings go when the caller holds a lock (the server's load lock).
+    ``device``: the torch device placement chose (``placement``), instead of the spec's."""
     import torch
 
     spec.validate()
     apply_env_vars(spec.env_vars, owner or spec.model_id)
-    device = resolve_device(spec.device, notes)
+    device = device or resolve_device(spec.device, notes)
     args = _load_args(spec, notes)
     if spec.loader == "torchscript":
         args.pop("weights_only", None)  # TorchScript archives hold no pickled code

@@ -4,6 +4,9 @@ Budgets: host RAM (``--memory-budget``, default 70% of the RAM available when th
 starts) and each GPU (``gpu_fraction`` of its NVML total). Every loaded model is charged
 to its device with its footprint, measured when it loads (``measure``).
 
+Placing: a load asking for "GPU" goes to the GPU with the most free budget, "cuda:N" to
+GPU N (``placement``); "CPU" (or any GPU request without usable CUDA) to the CPU.
+
 Making room: before a load, idle models on the same device are evicted, in the order the
 eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use and reload cost),
 until the new model's expected footprint fits (its last measured footprint, else its
@@ -38,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelserver import loaders, memory, swap
+from modelserver import loaders, memory, placement, swap
 from modelserver.batcher import MIN_RETRY_AFTER, Batcher, Batching, BatchStats, Compute, QueueLimits, Work
 from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
 from modelserver.measure import estimate_bytes, measured_load
@@ -420,9 +423,11 @@ class ModelManager:
         at ``sequence``. A loaded ``old`` version is retired (``swap.retire``) once the new
         one serves."""
         device = loaders.resolve_device(spec.device, notes)
-        budget = self.budget(device)
         same = old is not None and old.spec == spec and old.footprint
         expected = old.footprint if same and old is not None else estimate_bytes(spec)
+        if device != "cpu":  # CUDA is usable: which GPU (the CPU's path is unchanged)
+            device = self._place_on_gpu(key, spec.device, expected)
+        budget = self.budget(device)
         if budget is not None and expected > budget:
             raise OutOfMemory(
                 f"model {key!r} needs about {expected} bytes, more than the whole {budget}-byte "
@@ -499,6 +504,16 @@ class ModelManager:
             key, spec.model_id, device, loaded.seconds, model.nbytes, loaded.measured, footprint,
         )  # fmt: skip
         return slot
+
+    def _place_on_gpu(self, key: str, requested: str, expected: int) -> str:
+        """Under the load lock: the GPU for ``key`` (``placement.place``: the most free
+        budget for "GPU", the pinned one for "cuda:N"); OutOfMemory when none could hold it."""
+        import torch
+
+        budgets = {d: self.budget(d) for d in (f"cuda:{i}" for i in range(torch.cuda.device_count()))}
+        with self._lock:
+            free = {d: None if b is None else b - self._used(d) for d, b in budgets.items()}
+        return placement.place(requested, free, expected, budgets=budgets, what=f"model {key!r}")[0]
 
     def make_room(self, key: str, device: str, needed: int, notes: DeferredLog, *, wait: bool = True) -> bool:
         """Under the load lock: evict idle models on ``device`` until ``needed`` more

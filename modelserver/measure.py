@@ -72,7 +72,7 @@ def measured_load(
         nvml0 = memory.Nvml.read(memory.device_index(device)) if device != "cpu" else None
         started = time.monotonic()
         try:
-            model = loaders.load(spec, owner=key, notes=notes)
+            model = loaders.load(spec, owner=key, notes=notes, device=device)
         except ModelLoadError:
             raise
         except MemoryError:
