@@ -24,6 +24,7 @@ from client.cache import ModelCache, models
 from client.handlers import ModelHandler
 from client.metrics import InferenceMetrics
 from client.refresh import ModelUpdateSource, Update
+from client.resources import ResourceHints
 from client.results import ModelMetadata
 
 __all__ = ["InferenceMetrics", "ModelCache", "RunInference", "models"]
@@ -46,6 +47,10 @@ class RunInference:
     update with a ``model_name``, metrics go under that name (``metrics_by_model``), as
     Beam prefixes them. In a pipeline run by the harness, the harness polls the source
     once and sends every update to every SDK worker.
+
+    ``with_resource_hints(accelerator=..., min_ram=...)``: what the step needs of the
+    machine, in Beam's names and syntax (``client.resources``); the harness checks them
+    before a run starts and refuses to start on a machine that does not meet them.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class RunInference:
         self.metrics_by_model: dict[str, InferenceMetrics] = {"": self.metrics}
         self.failed: list[tuple[Any, str]] = []
         self._sizer: batching.BatchSizer | None = None
+        self.resource_hints = ResourceHints()
 
     def update_model(self, update: Update, *, sequence: tuple[int, int] | None = None) -> None:
         """Apply one model update: a ModelMetadata (the handler loads ``model_id``), or a
@@ -110,6 +116,16 @@ class RunInference:
     def prefetch(self) -> None:
         """Start loading the handler's current version now, not at the next batch."""
         models.get(self.handler)
+
+    def with_resource_hints(self, **hints: Any) -> RunInference:
+        """Set resource hints (Beam's names: ``accelerator``, ``min_ram``); returns this
+        transform. ValueError for a hint or value Beam would not accept."""
+        self.resource_hints = self.resource_hints.updated(**hints)
+        return self
+
+    def get_resource_hints(self) -> dict[str, bytes]:
+        """The hints as Beam gives them: URN -> bytes."""
+        return self.resource_hints.to_beam()
 
     def with_exception_handling(self) -> RunInference:
         self.exception_handling = True

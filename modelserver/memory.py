@@ -92,6 +92,18 @@ class Nvml:
             return None
         return GpuReading(index, int(info.total), int(info.used), int(info.free))
 
+    @classmethod
+    def name(cls, index: int) -> str | None:
+        """The device's name as NVML gives it ("NVIDIA H100 80GB HBM3", "Tesla T4")."""
+        nvml = cls.module()
+        if nvml is None:
+            return None
+        try:
+            name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
+        except Exception:
+            return None
+        return name.decode() if isinstance(name, bytes) else str(name)
+
 
 def gpus() -> list[GpuReading]:
     """A reading of every GPU NVML can see (empty on a CPU-only machine)."""

@@ -10,8 +10,10 @@ the workers are started as ``python -m runtime.worker`` instead and import the f
 themselves. A progress bar shows on a terminal; a summary prints at the end; dead
 letters, if any, are written beside the output as ``<output>.dead_letters.jsonl``.
 ``--watch-model PATTERN`` swaps in new model versions while the job runs (docs/refresh.md).
-``--deterministic``: the same input gives bitwise the same output in every run. The
-input and the output are checked before any process starts.
+``--deterministic``: the same input gives bitwise the same output in every run.
+``--accelerator SPEC`` and ``--min-ram SIZE`` set Beam's resource hints on every
+RunInference step. The input, the output and the machine (against every step's resource
+hints) are checked before any process starts.
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         help="more options for the model server the run starts, as one string "
         "(e.g. '--threads 2 --compute-threads 1'; see python -m modelserver serve --help)",
     )
+    run.add_argument(
+        "--accelerator",
+        default=None,
+        metavar="SPEC",
+        help="resource hint for every RunInference step, in Beam's syntax "
+        "(e.g. 'type:nvidia-tesla-t4;count:1'): the run starts only on a machine that has it",
+    )
+    run.add_argument(
+        "--min-ram",
+        default=None,
+        metavar="SIZE",
+        help="resource hint for every RunInference step (e.g. 8GiB): the run starts only on a "
+        "machine with at least this much RAM",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
@@ -137,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
             step.transform.model_updates = WatchFilePattern(
                 args.watch_model, args.watch_interval, settle=min(DEFAULT_SETTLE, args.watch_interval)
             )
+    hints = {k: v for k, v in (("accelerator", args.accelerator), ("min_ram", args.min_ram)) if v is not None}
+    if hints:
+        steps = pipeline.inference_steps()
+        if not steps:
+            print(
+                f"runtime: --accelerator/--min-ram: {args.pipeline} has no RunInference step", file=sys.stderr
+            )
+            return 2
+        try:
+            for step in steps:  # checked against this machine before anything starts
+                step.transform.with_resource_hints(**hints)
+        except ValueError as exc:
+            print(f"runtime: {exc}", file=sys.stderr)
+            return 2
     harness = Harness(
         args.workers,
         args.threads,

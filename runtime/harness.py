@@ -20,7 +20,9 @@ then fails the run, as in Beam; RunInference with exception handling turns faili
 batches into dead letters instead.
 
 Before anything starts, the pipeline's source and sink are checked (a missing input, an
-output directory that cannot be written): the run then fails at once with CannotStart.
+output directory that cannot be written), and so is the machine against every step's
+resource hints (runtime/devices.py): the run then fails at once with CannotStart. Workers
+that keep a GPU model in-process get a GPU each (``CUDA_VISIBLE_DEVICES``, round-robin).
 
 Stopping (SIGINT/SIGTERM, or the end of input) runs in stages: stop taking input, let
 in-flight bundles finish for up to ``grace_seconds``, ask workers to stop, SIGTERM, then
@@ -52,7 +54,7 @@ import numpy as np
 from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
-from runtime import computethreads, rows, startup
+from runtime import computethreads, devices, rows, startup
 from runtime.checkpoint import Checkpoint
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
 from runtime.errors import CannotStart, PipelineError
@@ -387,6 +389,10 @@ class _Run:
             self.worker_steps, self.harness_steps = pipeline.split()
         except ValueError as exc:
             raise CannotStart(str(exc)) from None
+        devices.check_hints(pipeline.steps)  # CannotStart: the machine lacks what a step hints
+        # per-worker CUDA_VISIBLE_DEVICES (round-robin), when workers keep a GPU model themselves
+        self.gpu_plan = devices.worker_gpus(self.worker_steps, harness.workers)
+        self.worker_gpu: dict[int, int] = {}  # worker id -> its place in gpu_plan
         self._advanced = 0.0
         self.sink = sink
         self.total = total
@@ -540,10 +546,24 @@ class _Run:
         env = dict(self.env)
         if self.server_path:
             env[config.SOCKET_ENV] = self.server_path
+        place = self._free_gpu_place()
+        if place is not None:
+            env[devices.VISIBLE_ENV] = self.gpu_plan[place]
         try:
-            self.pool.spawn(env)
+            slot = self.pool.spawn(env)
         except ZygoteLost as exc:
             self._fail(str(exc))
+            return
+        if place is not None:
+            self.worker_gpu[slot.worker_id] = place
+
+    def _free_gpu_place(self) -> int | None:
+        """The place in ``gpu_plan`` no live worker holds (a replacement takes the GPU of
+        the worker it replaces); None without a plan."""
+        if not self.gpu_plan:
+            return None
+        held = {p for w, p in self.worker_gpu.items() if w in self.pool.slots}
+        return next((i for i in range(len(self.gpu_plan)) if i not in held), 0)
 
     def reap_workers(self) -> None:
         """Re-run the bundles of each worker that ended, and replace it (restart policy)."""
