@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench gpu-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.compare
+
+# On a machine with a CUDA device (under 8 minutes on one GPU; says so and exits 0 without one).
+# Order-only: an existing virtualenv is used as it is (a lent GPU machine may have no network).
+gpu-check: | $(STAMP)
+	$(PY) -m bench.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

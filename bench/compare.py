@@ -1,10 +1,12 @@
 """Whole-path benchmarks, each measured against its baseline in the same run, as ratios.
 
-    python -m bench.compare [--only 1,2,3,4] [--rows N] [--repeats N] [--iterations N]
+    python -m bench.compare [--only 1,2,3,4] [--rows N] [--repeats N] [--iterations N] [--device cuda]
 
 1. throughput  MLP 512-2048-2048-16, batches of 64: elements/s through RunInference with
                large_model=True (the model server), over a raw torch loop in this process.
-               Target >= 0.90.
+               Target >= 0.90. ``--device cuda``: the model on the GPU (device="GPU"; the
+               server places it), against a raw loop on the GPU that also moves each
+               batch there and its output back.
 2. round trip  a 1-row request to torch.nn.Identity in the server, by Channel and by
                ServerClient.infer, over a plain msgpack echo over a Unix socket.
                Target <= 3x (medians).
@@ -91,6 +93,8 @@ class Report:
 # -- 1. throughput ---------------------------------------------------------------------------
 def bench_throughput(args: argparse.Namespace, report: Report, progress: Progress) -> None:
     b = args.batch
+    device = torch.device(args.device)
+    on = "GPU" if device.type == "cuda" else "CPU"
     data = common.make_rows(args.rows, 512, seed=0)
     batches = list(data.split(b))
     examples = list(data.unbind(0))
@@ -98,18 +102,25 @@ def bench_throughput(args: argparse.Namespace, report: Report, progress: Progres
         state = os.path.join(directory, "mlp.pt")
         common.save_state_dict(BenchMLP, {}, state)
         server_handler = PytorchModelHandlerTensor(
-            state, BenchMLP, {}, min_batch_size=b, max_batch_size=b, large_model=True, socket_path=srv.path
+            state,
+            BenchMLP,
+            {},
+            on,
+            min_batch_size=b,
+            max_batch_size=b,
+            large_model=True,
+            socket_path=srv.path,
         )
-        local_handler = PytorchModelHandlerTensor(state, BenchMLP, {}, min_batch_size=b, max_batch_size=b)
+        local_handler = PytorchModelHandlerTensor(state, BenchMLP, {}, on, min_batch_size=b, max_batch_size=b)
         model = BenchMLP()
         model.load_state_dict(torch.load(state, weights_only=True))
-        model.eval()
+        model.eval().to(device)
 
         def raw() -> int:
             outs = []
             with torch.inference_mode():
-                for x in batches:
-                    outs.append(model(x))
+                for x in batches:  # to the device and back, as RunInference's results come back
+                    outs.append(model(x.to(device)).cpu())
             return sum(len(o) for o in outs)
 
         def via_server() -> int:
@@ -119,19 +130,20 @@ def bench_throughput(args: argparse.Namespace, report: Report, progress: Progres
             return len(list(examples | RunInference(local_handler)))
 
         progress(
-            f"1 throughput: warm-up ({args.rows} rows, batch {b}, torch threads {torch.get_num_threads()})"
+            f"1 throughput: warm-up ({args.rows} rows, batch {b}, on {device}, "
+            f"torch threads {torch.get_num_threads()})"
         )
         warm = examples[: 20 * b]
         got = [r.inference for r in warm | RunInference(server_handler)]
         with torch.inference_mode():
-            want = model(torch.stack(warm))
+            want = model(torch.stack(warm).to(device)).cpu()
         max_err = float((torch.stack(got) - want).abs().max())
         if max_err > 1e-4:
             raise AssertionError(f"server outputs differ from torch's by {max_err}")
         list(warm | RunInference(local_handler))
         with torch.inference_mode():
             for x in batches[:20]:
-                model(x)
+                model(x.to(device)).cpu()
 
         kinds: dict[str, Callable[[], int]] = {
             "raw_torch": raw,
@@ -167,6 +179,7 @@ def bench_throughput(args: argparse.Namespace, report: Report, progress: Progres
     in_proc_ratio = rate["runinference_in_process"] / rate["raw_torch"]
     paired = [raw_s / srv_s for raw_s, srv_s in zip(seconds["raw_torch"], seconds["runinference_server"])]
     report.results["throughput"] = {
+        "device": str(device),
         "rows": args.rows,
         "batch": b,
         "seconds": seconds,
@@ -183,7 +196,7 @@ def bench_throughput(args: argparse.Namespace, report: Report, progress: Progres
     report.rows.append(
         Row(
             "1",
-            "MLP el/s, RunInference via server",
+            f"MLP el/s{' on ' + str(device) if device.type != 'cpu' else ''}, RunInference via server",
             f"{rate['runinference_server']:,.0f}/s",
             f"raw torch {rate['raw_torch']:,.0f}/s",
             ratio,
@@ -714,6 +727,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=20_000, help="rows for the throughput benchmark")
     p.add_argument("--batch", type=int, default=64, help="batch size for the throughput benchmark")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each throughput variant")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the throughput benchmark's model runs (cuda: every variant on the GPU)",
+    )
     p.add_argument("--iterations", type=int, default=5000, help="round trips of each kind")
     p.add_argument("--bulk-mib", type=int, default=64, help="size of the bulk batch")
     p.add_argument("--bulk-repeats", type=int, default=10, help="bulk round trips and memcpys")
@@ -751,6 +770,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--only takes numbers 1-5 separated by commas, not {args.only!r}")
     if not set(args.selected) <= set(BENCHMARKS):
         p.error("--only takes numbers 1-5")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     return args
 
 
