@@ -33,6 +33,7 @@ from typing import Any
 
 from modelserver import loaders
 from modelserver.batcher import Batcher, Batching, BatchStats, Compute, QueueLimits, Work
+from modelserver.errors import OutOfMemory
 
 _QUEUE_SUMS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
 
@@ -48,6 +49,13 @@ def place(free: Mapping[str, int | None], footprint: int, copies: int) -> list[s
         raise ValueError(f"cannot place {copies} copies on {list(free)}")
     first = next(iter(free))
     return [first] * copies
+
+
+def check_budget(what: str, nbytes: int, budget: int | None, device: str) -> None:
+    """OutOfMemory (``what`` ... more than the whole budget) when ``nbytes`` exceed the
+    whole ``budget`` of ``device``: no eviction can make room."""
+    if budget is not None and nbytes > budget:
+        raise OutOfMemory(f"{what}, more than the whole {budget}-byte budget of {device}")
 
 
 def split(compute: Compute, copies: int) -> Compute:

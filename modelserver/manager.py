@@ -2,7 +2,8 @@
 
 Budgets: host RAM (``--memory-budget``, default 70% of the RAM available when the server
 starts) and each GPU (``gpu_fraction`` of its NVML total). Every loaded model is charged
-to its device with its footprint, measured when it loads (``measure``).
+to its device with its footprint, measured when it loads (``measure``), once per copy
+when a key holds several (``copies``: each with its own batcher, least-busy routing).
 
 Making room: before a load, idle models on the same device are evicted, in the order the
 eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use and reload cost),
@@ -442,26 +443,15 @@ class ModelManager:
         same = old is not None and old.spec == spec and old.footprint
         expected = (old.copy_footprint if same and old is not None else estimate_bytes(spec)) * n
         what = f"{n} copies" if n > 1 else "one copy"
-        if budget is not None and expected > budget:
-            raise OutOfMemory(
-                f"model {key!r} needs about {expected} bytes ({what}), more than the whole "
-                f"{budget}-byte budget of {device}"
-            )
+        copies.check_budget(f"model {key!r} needs about {expected} bytes ({what})", expected, budget, device)
         self.make_room(key, device, expected, notes)
         free = {device: None if budget is None else budget - self.used(device)}
         devices = copies.place(free, expected // n, n)
-        relieve = partial(self._on_oom, notes=notes)
-        loads = [
-            measured_load(key, spec, d, self.host, collect=self._collect, relieve=partial(relieve, d), notes=notes)
-            for d in devices
-        ]  # fmt: skip
+        load = partial(measured_load, key, spec, host=self.host, collect=self._collect, notes=notes)
+        loads = [load(device=d, relieve=partial(self._on_oom, d, notes)) for d in devices]
         footprint = sum(m.footprint for m in loads)
         try:
-            if budget is not None and footprint > budget:
-                raise OutOfMemory(
-                    f"model {key!r} takes {footprint} bytes ({what}), more than the whole {budget}-byte "
-                    f"budget of {device}"
-                )
+            copies.check_budget(f"model {key!r} takes {footprint} bytes ({what})", footprint, budget, device)
             self.make_room(key, device, footprint, notes)
         except OutOfMemory:
             del loads
