@@ -4,7 +4,6 @@ element). Runs in spawned processes for ``bench.compare`` benchmark 5."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ def worker(
     every worker at ``barrier``, then make ``threads`` x ``calls`` one-element calls and
     send back (calls made, start, end) on the machine-wide monotonic clock. ``width``:
     the model is ``WideMLP(width, 4)`` (0: ``BenchMLP``)."""
+    from bench import common
     from bench.common import BenchMLP, WideMLP
     from client import PytorchModelHandlerTensor, RunInference
 
@@ -47,11 +47,7 @@ def worker(
 
         barrier.wait(120)
         start = time.monotonic()
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        for p in pool:
-            p.start()
-        for p in pool:
-            p.join()
+        common.run_threads(work, threads)
         conn.send(("ok", (sum(done), start, time.monotonic())))
     except BaseException as exc:  # reported to the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -8,6 +8,7 @@ Every helper that starts a process stops and reaps it, even when the benchmark f
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -248,6 +249,56 @@ def memory_worker(
         conn.recv()
     except EOFError:
         pass
+
+
+def run_threads(work: Any, n: int) -> None:
+    """Run ``work(0..n-1)`` on ``n`` threads, all started before any is joined."""
+    import threading
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(n)]
+    for p in pool:
+        p.start()
+    for p in pool:
+        p.join()
+
+
+def report_of(conn: Any, who: str, expected: str, timeout: float) -> Any:
+    """A spawned worker's (status, detail) report: its detail, or why there is none."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"{who} did not report within {timeout:.0f}s")
+    status, detail = conn.recv()
+    if status != expected:
+        raise RuntimeError(f"{who} failed: {detail}")
+    return detail
+
+
+def stop_workers(pipes: list[Any], procs: list[Any], goodbye: Any) -> None:
+    """Send each spawned worker ``goodbye`` on its pipe, join it (killing one that does
+    not end within 30 s), and close the pipes."""
+    for conn in pipes:
+        try:
+            conn.send(goodbye)
+        except OSError:
+            pass
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for conn in pipes:
+        conn.close()
+
+
+def write_results(out: str | None, name: str, started: float, payload: dict[str, Any]) -> str:
+    """Write ``payload`` as JSON to ``out``, else to bench/results/<name>-<started>.json;
+    the path written."""
+    path = out or os.path.join(
+        RESULTS_DIR, time.strftime(f"{name}-%Y%m%d-%H%M%S.json", time.localtime(started))
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    return path
 
 
 # -- statistics and the machine ----------------------------------------------------------

@@ -28,7 +28,6 @@ Progress goes to stderr, the table to stdout, and every figure to
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shlex
@@ -518,7 +517,7 @@ def _memory_run(
             procs.append(p)
             pipes.append(parent)
         for i, conn in enumerate(pipes):
-            _report_of(conn, f"memory worker {i}", "ready", 300)
+            common.report_of(conn, f"memory worker {i}", "ready", 300)
         pids = {f"worker{i}": p.pid for i, p in enumerate(procs)}
         if srv is not None:
             pids["server"] = srv.pid
@@ -533,18 +532,7 @@ def _memory_run(
         )
         return {"processes": per, "total": total}
     finally:
-        for conn in pipes:
-            try:
-                conn.send("exit")
-            except OSError:
-                pass
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for conn in pipes:
-            conn.close()
+        common.stop_workers(pipes, procs, "exit")
 
 
 # -- 5. batch-1 traffic from several workers -------------------------------------------------
@@ -643,7 +631,7 @@ def _batch1_run(
             child.close()
             workers.append(p)
             pipes.append(parent)
-        got = [_report_of(conn, f"batch-1 worker {i}", "ok", 600) for i, conn in enumerate(pipes)]
+        got = [common.report_of(conn, f"batch-1 worker {i}", "ok", 600) for i, conn in enumerate(pipes)]
     finally:
         for p in workers:
             p.join(30)
@@ -654,16 +642,6 @@ def _batch1_run(
     if total != procs * threads * calls:
         raise AssertionError(f"{total} of {procs * threads * calls} calls returned a 16-wide result")
     return total, max(end for _, _, end in got) - min(start for _, start, _ in got)
-
-
-def _report_of(conn: Any, who: str, expected: str, timeout: float) -> Any:
-    """A spawned worker's (status, detail) report: its detail, or why there is none."""
-    if not conn.poll(timeout):
-        raise TimeoutError(f"{who} did not report within {timeout:.0f}s")
-    status, detail = conn.recv()
-    if status != expected:
-        raise RuntimeError(f"{who} failed: {detail}")
-    return detail
 
 
 def _mib(n: float) -> str:
@@ -799,10 +777,6 @@ def main(argv: list[str] | None = None) -> int:
     if report.notes:
         print("\n" + "\n".join(report.notes))
     missed = [r for r in report.rows if r.passed is False]
-    out = args.out or os.path.join(
-        common.RESULTS_DIR, time.strftime("compare-%Y%m%d-%H%M%S.json", time.localtime(started))
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k != "selected"}
     payload = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -813,8 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [{**r.__dict__, "verdict": r.verdict} for r in report.rows],
         "notes": report.notes,
     }
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+    out = common.write_results(args.out, "compare", started, payload)
     print(f"\n{len(missed)} target(s) missed; took {elapsed:.0f}s; results in {os.path.relpath(out)}")
     return 0
 

@@ -232,6 +232,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         max_batch_size: int | None = None,
         max_batch_duration_secs: float | None = None,
         large_model: bool = False,
+        model_copies: int | None = None,
         load_model_args: dict[str, Any] | None = None,
         env_vars: dict[str, str] | None = None,
         socket_path: str | None = None,
@@ -239,6 +240,11 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     ):
         super().__init__()
         _check_sources(state_dict_path, model_class, torch_script_model_path)
+        if model_copies is not None and (type(model_copies) is not int or model_copies < 1):
+            raise ConfigurationError(f"model_copies must be an int >= 1, got {model_copies!r}")
+        # As in Beam, model_copies implies large_model: the copies live in the model server.
+        large_model = large_model or model_copies is not None
+        self._model_copies = model_copies or 1
         # The model server runs elsewhere (its working directory is /): the spec holds
         # absolute paths. Results name the path as the user gave it, as Beam's do.
         self._torchscript = bool(torch_script_model_path)
@@ -334,6 +340,10 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
     def share_model_across_processes(self) -> bool:
         return self._large_model
 
+    def model_copies(self) -> int:
+        """How many copies of the model the model server holds (Beam's ``model_copies``)."""
+        return self._model_copies
+
     def socket_paths(self) -> set[str | None]:
         return {self._socket_path} if self._large_model else set()
 
@@ -364,6 +374,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
                 replace=version.updates > 0,
                 batching=self.server_batching(),
                 sequence=version.sequence,
+                copies=self._model_copies,
             )
         loaded = loaders.load(spec, self._model_class, owner=self.cache_slot())
         self._resolved_device = loaded.device
@@ -510,7 +521,8 @@ class PytorchModelHandlerTensor(_PytorchHandler):
     Either ``state_dict_path`` + ``model_class`` (+ ``model_params``), or
     ``torch_script_model_path``. ``device`` "CPU" or "GPU" (falls back to the CPU with a
     warning where CUDA is unusable). ``large_model=True`` keeps one copy of the model per
-    machine, in the model server. ``inference_fn(batch, model, device, inference_args,
+    machine, in the model server; ``model_copies=N`` keeps N there (and implies
+    ``large_model``), each request going to the least busy copy. ``inference_fn(batch, model, device, inference_args,
     model_id)`` replaces the default stack-and-call.
     """
 

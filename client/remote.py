@@ -43,7 +43,8 @@ class RemoteModel:
     is new to the server. ``sequence``: the update's place in the key's order; a swap to
     a version older than the served one attaches to the served one instead, and ``spec``
     and ``model_id`` then name that. ``batching``: how the server merges the key's
-    requests from every caller (``ServerClient.load``).
+    requests from every caller (``ServerClient.load``); ``copies``: how many copies of
+    the model the server holds (``model_copies``).
     """
 
     def __init__(
@@ -55,11 +56,12 @@ class RemoteModel:
         replace: bool = False,
         batching: dict[str, Any] | None = None,
         sequence: tuple[int, int] | None = None,
+        copies: int = 1,
     ):
         self._server = server
         self.key = key
         self._local = threading.local()
-        info = server.load(key, spec, replace=replace, batching=batching, sequence=sequence)
+        info = server.load(key, spec, replace=replace, batching=batching, sequence=sequence, copies=copies)
         served = info.get("spec")
         self.spec = ModelSpec.from_wire(served) if isinstance(served, dict) else spec
         self.model_id: str = info.get("model_id") or self.spec.model_id

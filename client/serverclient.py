@@ -74,6 +74,7 @@ class ServerClient:
         self.idle_timeout = idle_timeout  # likewise (default: BEAMLET_SERVER_IDLE_TIMEOUT)
         self._specs: dict[str, tuple[ModelSpec, tuple[int, int] | None]] = {}  # served, with its sequence
         self._batching: dict[str, dict[str, int | float | None]] = {}
+        self._copies: dict[str, int] = {}
         self._reset_pool()
 
     def _reset_pool(self) -> None:
@@ -175,6 +176,7 @@ class ServerClient:
         replace: bool = True,
         batching: dict[str, int | float | None] | None = None,
         sequence: tuple[int, int] | None = None,
+        copies: int = 1,
     ) -> dict[str, Any]:
         """Register ``spec`` under ``key`` and load it now; returns model_id, device, nbytes,
         the spec the key serves and its ``sequence``. ``replace=False`` attaches to whatever
@@ -183,13 +185,17 @@ class ServerClient:
         (epoch, n)) is older than the served version's: then the reply says ``stale`` and
         names the served one. ``batching``: how the server merges the key's requests from
         every caller (``max_batch_size``, ``max_batch_duration_secs``; None: the server's
-        defaults)."""
+        defaults). ``copies``: how many copies of the model the server holds (Beam's
+        ``model_copies``; from the key's next load)."""
         message: dict[str, Any] = {"op": "load", "key": key, "spec": spec.to_wire(), "replace": replace}
         if batching is not None:
             message["batching"] = batching
             self._batching[key] = batching
         if sequence is not None:
             message["sequence"] = list(sequence)
+        if copies != 1:
+            message["copies"] = copies
+        self._copies[key] = copies
         reply = self.call(message)
         served, order = reply.get("spec"), reply.get("sequence")
         self._specs[key] = (
@@ -218,7 +224,14 @@ class ServerClient:
             if served is None:
                 raise
             spec, sequence = served
-            self.load(key, spec, replace=False, batching=self._batching.get(key), sequence=sequence)
+            self.load(
+                key,
+                spec,
+                replace=False,
+                batching=self._batching.get(key),
+                sequence=sequence,
+                copies=self._copies.get(key, 1),
+            )
             return self.call(message)
 
     def status(self) -> dict[str, Any]:

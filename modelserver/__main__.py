@@ -301,6 +301,13 @@ def _render_status(s: dict[str, Any]) -> str:
             f"{m['hits']:>7} {m['load_seconds']:>7.2f}"
         )
         lines.append(f"    model_id {m['model_id']}")
+        if len(m.get("copies") or ()) > 1:
+            lines.append(
+                f"    {len(m['copies'])} copies: "
+                + ", ".join(
+                    f"{c['device']} {fmt(c['footprint'])} {c['requests']} requests" for c in m["copies"]
+                )
+            )
         if m.get("overloaded") or m.get("queued"):
             lines.append(f"    queued {m.get('queued', 0)}, refused (overloaded) {m.get('overloaded', 0)}")
     return "\n".join(lines)

@@ -148,12 +148,26 @@ class Work:
 
 @dataclass
 class BatchStats:
+    """A batcher's counters. ``parent``: a model's totals (across its copies and loads),
+    which every ``add`` counts too; each object has its own lock, so copies that share a
+    parent never lose an update."""
+
     requests: int = 0
     rows: int = 0
     batches: int = 0
     errors: int = 0
     overloaded: int = 0  # requests refused because the queue was full
     busy_seconds: float = 0.0
+    parent: BatchStats | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: float) -> None:
+        """Add to the named counters, here and in ``parent``."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+        if self.parent is not None:
+            self.parent.add(**counts)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -214,6 +228,7 @@ class Batcher:
         self._threads_n = compute.threads if merge and cpu else 1
         self._cores = compute.cores if merge and cpu else None
         self._running = 0  # batches being computed (or gathered) now
+        self._running_rows = 0  # their rows: taken from the queue, not yet answered
         self._gathering = False  # a thread is gathering a batch: the others wait
         self._callers: dict[int, float] = {}  # caller -> when it last sent a request
         self._pins = 0
@@ -243,6 +258,12 @@ class Batcher:
             idle = not (self._running or self._queue or self._pins)
         if idle and self._on_idle is not None:
             self._on_idle()
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Rows queued or being computed: how busy the model is (``copies`` routes by it)."""
+        with self._cond:
+            return self._queued_rows + self._running_rows
 
     @property
     def queued(self) -> int:
@@ -293,7 +314,7 @@ class Batcher:
         if self._queue and not self.limits.hold(
             self._queued_rows + work.rows, self._queued_bytes + work.nbytes
         ):
-            self.stats.overloaded += 1
+            self.stats.add(overloaded=1)
             raise Overloaded(
                 f"model {self.name} is overloaded: {self._queued_rows} rows ({self._queued_bytes} bytes) "
                 f"queued, limits {self.limits.rows} rows, {self.limits.nbytes} bytes (serve --max-queue-rows, "
@@ -308,7 +329,8 @@ class Batcher:
         finally:
             with self._cond:
                 self._running -= 1
-                self.stats.busy_seconds += time.monotonic() - started
+                self._running_rows -= sum(work.rows for work in batch)
+                self.stats.add(busy_seconds=time.monotonic() - started)
                 idle = not self._queue and not self._running
                 for work in batch:  # after _running: a reader that waited finds a thread free
                     if work.done is not None:
@@ -380,6 +402,7 @@ class Batcher:
     def _dequeued(self, work: Work) -> None:
         self._queued_rows -= work.rows
         self._queued_bytes -= work.nbytes
+        self._running_rows += work.rows
 
     def _fill(self, batch: list[Work]) -> None:
         """Under the lock: merge queued requests that fit into ``batch``; while it is short
@@ -443,8 +466,7 @@ class Batcher:
             try:
                 out = self._run_one(work)
             except Exception as exc:
-                with self._cond:
-                    self.stats.errors += 1
+                self.stats.add(errors=1)
                 work.finish(None, _as_error(exc, self.name))
             else:
                 work.finish(out, None)
@@ -461,10 +483,7 @@ class Batcher:
 
     def _account(self, batch: list[Work], batches: int) -> None:
         rows = sum(_rows(w.inputs) or 0 for w in batch)
-        with self._cond:
-            self.stats.batches += batches
-            self.stats.requests += len(batch)
-            self.stats.rows += rows
+        self.stats.add(batches=batches, requests=len(batch), rows=rows)
 
 
 def _set_torch_threads(n: int) -> None:

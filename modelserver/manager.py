@@ -2,7 +2,8 @@
 
 Budgets: host RAM (``--memory-budget``, default 70% of the RAM available when the server
 starts) and each GPU (``gpu_fraction`` of its NVML total). Every loaded model is charged
-to its device with its footprint, measured when it loads (``measure``).
+to its device with its footprint, measured when it loads (``measure``), once per copy
+when a key holds several (``copies``: each with its own batcher, least-busy routing).
 
 Placing: a load asking for "GPU" goes to the GPU with the most free budget, "cuda:N" to
 GPU N (``placement``); "CPU" (or any GPU request without usable CUDA) to the CPU.
@@ -39,10 +40,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from modelserver import loaders, memory, placement, swap
-from modelserver.batcher import MIN_RETRY_AFTER, Batcher, Batching, BatchStats, Compute, QueueLimits, Work
+from modelserver import copies, loaders, memory, placement, swap
+from modelserver.batcher import MIN_RETRY_AFTER, Batching, BatchStats, Compute, QueueLimits, Work
+from modelserver.copies import Copies
 from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
 from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
@@ -75,13 +78,13 @@ class ModelStats:
 
 @dataclass
 class ModelSlot:
-    """A key's registration: its spec, and the loaded model while it is in memory."""
+    """A key's registration: its spec, and the loaded model (its copies) while it is in memory."""
 
     key: str
     spec: loaders.ModelSpec
     device: str
-    batcher: Batcher | None = None
-    footprint: int = 0  # bytes charged to the device; kept after eviction as an estimate
+    batcher: Copies | None = None
+    footprint: int = 0  # bytes charged to the device, every copy; kept after eviction as an estimate
     measured: int = 0  # the raw reading (RSS delta, or allocator delta on a GPU)
     nvml_delta: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -89,6 +92,11 @@ class ModelSlot:
     batch_stats: BatchStats = field(default_factory=BatchStats)  # across loads
     info: dict[str, Any] = field(default_factory=dict)  # what the last load produced; never cleared
     sequence: tuple[int, int] | None = None  # the served version's place in the key's order
+    copies: int = 1  # how many copies of the model were loaded last
+
+    @property
+    def copy_footprint(self) -> int:
+        return self.footprint // max(self.copies, 1)
 
     @property
     def loaded(self) -> bool:
@@ -118,6 +126,7 @@ class ModelManager:
         self.deterministic = deterministic
         self.compute = Compute()  # the server sets it as it warms up
         self._batching: dict[str, Batching] = {}  # per key, as its handlers last asked
+        self._copies: dict[str, int] = {}  # likewise: copies of the model (from its next load)
         self.budget_bytes = budget_bytes
         self.gpu_fraction = gpu_fraction
         self.load_wait = load_wait
@@ -157,6 +166,10 @@ class ModelManager:
             self._gpu_budgets[device] = int(total * self.gpu_fraction)
         return self._gpu_budgets[device]
 
+    def copies_of(self, key: str) -> int:
+        """How many copies of ``key``'s model its next load holds."""
+        return self._copies.get(key, 1)
+
     def _policy(self, device: str) -> GreedyDualSizeFrequency:
         if device not in self._policies:
             self._policies[device] = self._policy_class()
@@ -179,13 +192,17 @@ class ModelManager:
         replace: bool = True,
         batching: Batching | None = None,
         sequence: tuple[int, int] | None = None,
+        copies: int | None = None,
     ) -> ModelSlot:
         """Make ``key`` serve ``spec`` (at ``sequence``), loading it now; the slot serving
         the key. A new spec for a known key swaps (``swap``) unless it is older than the
         served one (``swap.replaces``) or ``replace`` is False. ``batching``: how the key's
-        requests are merged from now on (None: as before, else the defaults)."""
+        requests are merged from now on (None: as before, else the defaults); ``copies``:
+        how many copies of the model to hold from its next load (None: as before, else 1)."""
         notes = DeferredLog()
         with self._lock:
+            if copies is not None:
+                self._copies[key] = copies
             if batching is not None:
                 self._batching[key] = batching
                 slot = self._slots.get(key)
@@ -244,7 +261,7 @@ class ModelManager:
         waiting = self._waiting.get(slot.key)
         rows, nbytes = sum(w.rows for w in waiting or ()), sum(w.nbytes for w in waiting or ())
         if waiting and not self.limits.hold(rows + work.rows, nbytes + work.nbytes):
-            slot.batch_stats.overloaded += 1
+            slot.batch_stats.add(overloaded=1)
             raise Overloaded(
                 f"model {slot.key} is loading and {len(waiting)} requests already wait for it; retry later",
                 retry_after=round(max(slot.stats.last_load_seconds, MIN_RETRY_AFTER), 4),
@@ -350,6 +367,7 @@ class ModelManager:
                     "measured": s.measured,
                     "nvml_delta": s.nvml_delta,
                     **(b.queue_state() if b else _NO_QUEUE),
+                    "copies": b.describe() if b else [],
                     "waiting_for_load": len(waiting.get(s.key, ())),
                     "idle_seconds": round(now - s.last_used, 3),
                     "priority": self._policy(s.device).priority(s.key),
@@ -423,62 +441,55 @@ class ModelManager:
         at ``sequence``. A loaded ``old`` version is retired (``swap.retire``) once the new
         one serves."""
         device = loaders.resolve_device(spec.device, notes)
+        n = self.copies_of(key)
         same = old is not None and old.spec == spec and old.footprint
-        expected = old.footprint if same and old is not None else estimate_bytes(spec)
+        expected = (old.copy_footprint if same and old is not None else estimate_bytes(spec)) * n
         if device != "cpu":  # CUDA is usable: which GPU (the CPU's path is unchanged)
             device = self._place_on_gpu(key, spec.device, expected)
         budget = self.budget(device)
-        if budget is not None and expected > budget:
-            raise OutOfMemory(
-                f"model {key!r} needs about {expected} bytes, more than the whole {budget}-byte "
-                f"budget of {device}"
-            )
+        what = f"{n} copies" if n > 1 else "one copy"
+        copies.check_budget(f"model {key!r} needs about {expected} bytes ({what})", expected, budget, device)
         self.make_room(key, device, expected, notes)
-        loaded = measured_load(
-            key,
-            spec,
-            device,
-            self.host,
-            collect=self._collect,
-            relieve=lambda: self._on_oom(device, notes),
-            notes=notes,
-        )
-        model, footprint = loaded.model, loaded.footprint
+        free = {device: None if budget is None else budget - self.used(device)}
+        devices = copies.place(free, expected // n, n)
+        load = partial(measured_load, key, spec, host=self.host, collect=self._collect, notes=notes)
+        loads = [load(device=d, relieve=partial(self._on_oom, d, notes)) for d in devices]
+        footprint = sum(m.footprint for m in loads)
         try:
-            if budget is not None and footprint > budget:
-                raise OutOfMemory(
-                    f"model {key!r} takes {footprint} bytes, more than the whole {budget}-byte budget of {device}"
-                )
+            copies.check_budget(f"model {key!r} takes {footprint} bytes ({what})", footprint, budget, device)
             self.make_room(key, device, footprint, notes)
         except OutOfMemory:
-            del model, loaded
+            del loads
             self._collect()
             raise
         if self._closed.is_set():
-            del model, loaded
+            del loads
             raise OutOfMemory("the server is stopping")
+        model, seconds = loads[0].model, sum(m.seconds for m in loads)
         with self._lock:
             old = self._slots.get(key)
             batch_stats = old.batch_stats if old is not None else BatchStats()
-            batcher = Batcher(
+            batcher = Copies(
                 key,
-                model,
-                on_idle=self._notify_idle,
-                on_oom=lambda: self._on_oom(device),
+                [(m.model, d, m.footprint) for m, d in zip(loads, devices)],
                 stats=batch_stats,
+                compute=self.compute,
+                on_idle=self._notify_idle,
+                on_oom=lambda d: lambda: self._on_oom(d),
                 limits=self.limits,
                 merge=not self.deterministic,
                 batching=self._batching.get(key),
-                compute=self.compute,
             )
-            slot = ModelSlot(key, spec, device, batcher, footprint, loaded.measured, loaded.nvml_delta)
-            slot.sequence = sequence
+            measured, nvml_delta = sum(m.measured for m in loads), sum(m.nvml_delta for m in loads)
+            slot = ModelSlot(key, spec, device, batcher, footprint, measured, nvml_delta)
+            slot.sequence, slot.copies = sequence, n
             slot.batch_stats = batch_stats
             slot.info = {
                 "model_id": batcher.model_id,
                 "device": batcher.device,
                 "nbytes": batcher.nbytes,
                 "footprint": footprint,
+                "copies": n,
                 "methods": sorted(model.methods),
                 "spec": spec.to_wire(),
             }
@@ -492,16 +503,16 @@ class ModelManager:
                     self.retiring += 1
                     self._retiring_bytes[old.device] = self._retiring_bytes.get(old.device, 0) + old.footprint
             slot.stats.loads += 1
-            slot.stats.load_seconds += loaded.seconds
-            slot.stats.last_load_seconds = loaded.seconds
+            slot.stats.load_seconds += seconds
+            slot.stats.last_load_seconds = seconds
             self._slots[key] = slot
-            self._policy(device).loaded(key, footprint, loaded.seconds)
+            self._policy(device).loaded(key, footprint, seconds)
         if retired is not None:
             swap.retire(retired, key, self.release, lambda: self._retired(*retired_charge))
         notes.info(
             log,
-            "loaded %s (%s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
-            key, spec.model_id, device, loaded.seconds, model.nbytes, loaded.measured, footprint,
+            "loaded %s (%s, %s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
+            key, spec.model_id, what, device, seconds, model.nbytes * n, measured, footprint,
         )  # fmt: skip
         return slot
 
@@ -552,7 +563,7 @@ class ModelManager:
             notes.info(log, "evicting %s from %s to make room for %s", ", ".join(chosen), device, key)
             self.release(victims)
 
-    def take_out_of_service(self, slot: ModelSlot) -> Batcher:
+    def take_out_of_service(self, slot: ModelSlot) -> Copies:
         """Detach a loaded version that is being replaced (not an eviction)."""
         with self._lock:
             return self._detach(slot, evicted=False)
@@ -562,7 +573,7 @@ class ModelManager:
         with self._lock:
             slot.spec, slot.sequence = spec, sequence
 
-    def release(self, batchers: list[Batcher]) -> None:
+    def release(self, batchers: list[Copies]) -> None:
         """Outside the registry lock: let detached models finish their queued batches,
         then free them."""
         for b in batchers:
@@ -579,7 +590,7 @@ class ModelManager:
             if s.device == device and s.batcher is not None and not s.batcher.busy
         ]
 
-    def _detach(self, slot: ModelSlot, evicted: bool = True) -> Batcher:
+    def _detach(self, slot: ModelSlot, evicted: bool = True) -> Copies:
         """Under the lock: take the model out of service (its queued work still runs)."""
         batcher = slot.batcher
         assert batcher is not None

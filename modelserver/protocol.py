@@ -19,7 +19,11 @@ nothing for 5 s (``connection.HEARTBEAT_INTERVAL``); clients skip it.
               serving another spec swaps to this    may name), spec (the spec the key
               one; false: the key keeps its spec),  serves now), sequence (the served
               sequence ([epoch, n], optional: the   version's, or null), stale (true when
-              version's place in its key's order)   an older version attached instead)
+              version's place in its key's order),  an older version attached instead),
+              copies (int >= 1, default 1: copies   copies (how many the key holds)
+              of the model the server holds, each
+              with its own batcher; from the key's
+              next load)
     infer     key, inputs, kwargs, method           outputs, model_id
               (inputs: the batch, rows along dim 0, concatenated with other requests'
               when merged, never in the deterministic mode; kwargs: side arguments,
@@ -74,7 +78,9 @@ class Load:
     another spec swaps to this one; without it the key keeps what it serves (a worker
     joining a running job attaches to the job's current version). ``sequence``: the
     version's place in the key's order, (epoch, n); a swap to a version older than the
-    served one is refused (None: no order, the last ``replace`` wins)."""
+    served one is refused (None: no order, the last ``replace`` wins). ``copies``: how
+    many copies of the model the server holds (Beam's ``model_copies``), from the key's
+    next load (a first load, a swap, a reload after eviction)."""
 
     id: int
     key: str
@@ -82,6 +88,7 @@ class Load:
     replace: bool = True
     batching: Batching | None = None
     sequence: tuple[int, int] | None = None
+    copies: int = 1
 
 
 @dataclass(frozen=True)
@@ -139,8 +146,17 @@ def parse_request(msg: Any) -> Request:
         replace = msg.get("replace", True)
         if not isinstance(replace, bool):
             raise BadRequest(f"request field 'replace' must be bool, got {replace!r:.60}")
+        copies = msg.get("copies", 1)
+        if type(copies) is not int or copies < 1:
+            raise BadRequest(f"request field 'copies' must be an int >= 1, got {copies!r:.40}")
         return Load(
-            rid, _field(msg, "key", str), _field(msg, "spec", dict), replace, _batching(msg), _sequence(msg)
+            rid,
+            _field(msg, "key", str),
+            _field(msg, "spec", dict),
+            replace,
+            _batching(msg),
+            _sequence(msg),
+            copies,
         )
     if op == "hello":
         return Hello(rid, _field(msg, "version", int), _field(msg, "pid", int))

@@ -333,6 +333,7 @@ class ModelServer:
                     replace=request.replace,
                     batching=request.batching,
                     sequence=request.sequence,
+                    copies=request.copies,
                 )
                 served = slot.sequence
                 conn.send(

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelserver import loaders
-from modelserver.batcher import Batcher
+from modelserver.copies import Copies
 from modelserver.errors import BadRequest
 from modelserver.measure import estimate_bytes
 from modelserver.serverlog import DeferredLog
@@ -91,7 +91,8 @@ def swap(
     """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``, the
     version at ``sequence``."""
     device = loaders.resolve_device(spec.device, notes)
-    expected = max(estimate_bytes(spec), old.footprint if old.device == device else 0)
+    per_copy = max(estimate_bytes(spec), old.copy_footprint if old.device == device else 0)
+    expected = per_copy * manager.copies_of(key)  # the new version's copies, all of them
     beside = manager.budget(device) is None or manager.make_room(key, device, expected, notes, wait=False)
     try:
         if beside:
@@ -161,10 +162,10 @@ def _restore(
 
 
 def retire(
-    batcher: Batcher, key: str, release: Callable[[list[Batcher]], None], done: Callable[[], None]
+    batcher: Copies, key: str, release: Callable[[list[Copies]], None], done: Callable[[], None]
 ) -> None:
-    """Let a swapped-out version finish its queued batches on a ``retire-<key>`` thread,
-    then free it (``release``) and call ``done`` (which uncharges its footprint)."""
+    """Let a swapped-out version (every copy of it) finish its queued batches on a
+    ``retire-<key>`` thread, then free it (``release``) and call ``done`` (which uncharges its footprint)."""
 
     def run() -> None:
         try:

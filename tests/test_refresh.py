@@ -38,6 +38,7 @@ from tests.conftest import server_processes, start_server
 from tests.models import MLP, Blob, Gate, make_blob, make_checkpoint
 from tests.test_manager import MB, blob_spec, infer
 from tests.test_manager import manager_factory as manager_factory  # the fixture
+from tests.workers import keep_sending
 
 
 def write_atomically(path: str, seed: int) -> MLP:
@@ -389,29 +390,14 @@ def test_a_tight_budget_swap_through_the_server_fails_no_request(private_dir, so
         x = torch.randn(2, refs[0].lin.in_features)
         with torch.inference_mode():
             wants = {spec.path: ref(x) for spec, ref in zip(specs, refs)}
-        stop, errors, seen = threading.Event(), [], []
         with ServerClient(sock_path, autostart=False) as c:
             c.load("k", specs[0])
-
-            def load() -> None:
-                while not stop.is_set():
-                    try:
-                        reply = c.infer("k", x)
-                        seen.append((reply["model_id"], reply["outputs"]))
-                    except Exception as exc:
-                        errors.append(exc)
-
-            threads = [threading.Thread(target=load) for _ in range(3)]
-            for t in threads:
-                t.start()
-            for spec in specs[1:]:
-                before = len(seen)
-                c.load("k", spec, replace=True)
-                while len(seen) < before + 5 and not errors:  # served after the swap too
-                    threading.Event().wait(0.005)
-            stop.set()
-            for t in threads:
-                t.join(30)
+            with keep_sending(c, "k", x, 3) as (seen, errors):
+                for spec in specs[1:]:
+                    before = len(seen)
+                    c.load("k", spec, replace=True)
+                    while len(seen) < before + 5 and not errors:  # served after the swap too
+                        threading.Event().wait(0.005)
             (status,) = c.status()["models"]
         assert not errors, errors[:3]
         assert all(torch.allclose(y, wants[model_id], atol=1e-4) for model_id, y in seen)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -16,6 +18,31 @@ def run_threads(work, n: int, errors: list[BaseException]) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def keep_sending(client, key: str, x: torch.Tensor, n: int) -> Iterator[tuple[list, list]]:
+    """``n`` threads send ``x`` to ``key`` without pause while the block runs; yields the
+    (model_id, outputs) replies and the errors, as they come."""
+    stop, seen, errors = threading.Event(), [], []
+
+    def send() -> None:
+        while not stop.is_set():
+            try:
+                reply = client.infer(key, x)
+                seen.append((reply["model_id"], reply["outputs"]))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield seen, errors
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
 
 
 def local_mlp(path: str):
