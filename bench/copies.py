@@ -7,7 +7,8 @@ setting alike; figures are medians over the repeats; each run's other-load share
 (``common.LoadMeter``) is reported beside it. The workers are spawned once and drive
 every run, each thread on its own pooled connection.
 
-    python -m bench.copies [--repeats 3] [--calls 150] [--server-args '--threads 2']
+    python -m bench.copies [--repeats 3] [--calls 150] [--server-args "--threads 2"]
+                           [--device CPU|GPU|cuda:N] [--copies 1,2,4]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from bench import common
 
-COPIES = (1, 2, 4)
+COPIES: tuple[int, ...] = (1, 2, 4)
 
 
 def worker(conn: Any, barrier: Any, socket_path: str, threads: int, calls: int, rows: int) -> None:
@@ -66,7 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with common.private_dir() as directory, common.model_server(*args.server_args) as srv:
         state = os.path.join(directory, "mlp.pt")
         common.save_state_dict(common.BenchMLP, {}, state)
-        spec = ModelSpec("pytorch_state_dict", state, userclass.describe(common.BenchMLP), {})
+        spec = ModelSpec(
+            "pytorch_state_dict", state, userclass.describe(common.BenchMLP), {}, device=args.device
+        )
         with ServerClient(srv.path, autostart=False) as c:
             for n in COPIES:
                 c.load(f"copies-{n}", spec, copies=n)
@@ -122,8 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": p99s,
         "requests_per_second_median": rate,
         "p99_ms_median": p99,
-        "throughput_ratio_to_one_copy": {n: rate[n] / rate[1] for n in COPIES},
-        "p99_ratio_to_one_copy": {n: p99[n] / p99[1] for n in COPIES},
+        "throughput_ratio_to_one_copy": {n: rate[n] / rate[COPIES[0]] for n in COPIES},
+        "p99_ratio_to_one_copy": {n: p99[n] / p99[COPIES[0]] for n in COPIES},
         "requests_per_copy": per_copy,
         "other_load": load,
     }
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=8, help="rows per request")
     p.add_argument("--server-args", type=shlex.split, default=[], metavar="ARGS")
     p.add_argument("--out", default=None, help="the JSON results file")
+    p.add_argument("--device", default="CPU", help="where the copies live: CPU, GPU or cuda:N")
+    p.add_argument("--copies", default="1,2,4", help="the settings to compare, the first the baseline")
     args = p.parse_args(argv)
+    global COPIES
+    COPIES = tuple(int(n) for n in args.copies.split(","))
     started = time.time()
     result = run(args)
     rate, p99 = result["requests_per_second_median"], result["p99_ms_median"]
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for n in COPIES:
         print(
-            f"{n:>6} {rate[n]:>11,.0f} {rate[n] / rate[1]:>6.2f} {p99[n]:>7.2f} {p99[n] / p99[1]:>6.2f} "
+            f"{n:>6} {rate[n]:>11,.0f} {rate[n] / rate[COPIES[0]]:>6.2f} {p99[n]:>7.2f} {p99[n] / p99[COPIES[0]]:>6.2f} "
             f"{max(result['other_load'][n]):>17.0%}"
         )
     print(f"requests per copy: {result['requests_per_copy']}")

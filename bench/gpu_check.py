@@ -7,7 +7,10 @@
 2. ``bench.compare`` benchmark 1 with ``--device cuda``: the MLP through RunInference
    with the model on the GPU (in the model server, and in-process), against a raw GPU
    loop in this process;
-3. a summary of the figures (and the GPU they were measured on) on stdout; the JSON of
+3. ``bench.copies --device cuda:0 --copies 1,2``: model_copies 1 vs 2 on one GPU, and
+   ``bench.keyed_trace --device cuda:0``: a keyed workload whose models exceed the GPU
+   budget (the server's evictions against its NVML readings);
+4. a summary of the figures (and the GPU they were measured on) on stdout; the JSON of
    benchmark 1 under bench/results/.
 
 It fits in 8 minutes on one GPU: each part has a deadline (``--tests-timeout``,
@@ -130,11 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         figures = [f"benchmark 1: failed (exit {code}); its output is above"]
 
+    parts_ok = True
+    extra: list[str] = []
+    for name, argv_part in (
+        ("model_copies 1 vs 2 on one GPU",
+         [sys.executable, "-m", "bench.copies", "--device", "cuda:0", "--copies", "1,2", "--repeats", "2"]),
+        ("keyed models over the GPU budget",
+         [sys.executable, "-m", "bench.keyed_trace", "--device", "cuda:0", "--requests", "600"]),
+    ):  # fmt: skip
+        code, output, seconds = run_part(name, argv_part, args.bench_timeout / 2)
+        parts_ok = parts_ok and code == 0
+        tail = [line for line in output.splitlines() if line.strip()][-8:]
+        status = "timed out" if code is None else ("ok" if code == 0 else f"FAILED (exit {code})")
+        extra.append(f"{name}: {status} ({seconds:.0f}s)\n  " + "\n  ".join(tail))
+
     print(f"\ngpu-check on {gpus}")
     print(f"GPU-marked tests: {tests_line} ({test_seconds:.0f}s){'' if tests_ok else '  FAILED'}")
     print("\n".join(figures) + (f"  ({bench_seconds:.0f}s; {os.path.relpath(out)})" if bench_ok else ""))
-    print(f"took {time.monotonic() - started:.0f}s; {'all passed' if tests_ok and bench_ok else 'FAILED'}")
-    return 0 if tests_ok and bench_ok else 1
+    print("\n".join(extra))
+    ok = tests_ok and bench_ok and parts_ok
+    print(f"took {time.monotonic() - started:.0f}s; {'all passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -96,10 +96,19 @@ class PeakRss:
         return self.peak - self.baseline
 
 
-def run_server(models, trace, policy: str, budget: int, directory: str) -> dict[str, Any]:
+def run_server(
+    models, trace, policy: str, budget: int, directory: str, device: str = "CPU"
+) -> dict[str, Any]:
+    """The trace through a model server with ``budget`` bytes for its models: host memory,
+    or with ``device`` a GPU, that GPU's budget (``--gpu-memory-fraction``: budget / its
+    total), read back with NVML's figures from ``status``."""
     sock = os.path.join(directory, f"{policy}.sock")
+    limit = ["--memory-budget", str(budget)]
+    if device != "CPU":
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        limit = ["--gpu-memory-fraction", f"{budget / total:.6f}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelserver", "serve", "--socket", sock, "--memory-budget", str(budget),
+        [sys.executable, "-m", "modelserver", "serve", "--socket", sock, *limit,
          "--eviction-policy", policy, "--log-level", "WARNING"],
     )  # fmt: skip
     try:
@@ -114,7 +123,10 @@ def run_server(models, trace, policy: str, budget: int, directory: str) -> dict[
                 time.sleep(0.05)
         rss = PeakRss(proc.pid)
         client = ServerClient(sock, autostart=False)
-        handlers = [PytorchModelHandlerTensor(p, TraceBlob, {"d": d}, large_model=True) for _, p, d in models]
+        handlers = [
+            PytorchModelHandlerTensor(p, TraceBlob, {"d": d}, large_model=True, device=device)
+            for _, p, d in models
+        ]
         for (key, _, _), h in zip(models, handlers):
             client._specs[key] = (h.model_spec(), None)  # registered lazily, on the first miss
         inputs = [torch.randn(ROWS, d) for _, _, d in models]
@@ -130,8 +142,14 @@ def run_server(models, trace, policy: str, budget: int, directory: str) -> dict[
         if proc.poll() is None:
             proc.kill()
     loads = sum(m["loads"] for m in status["models"])
+    gpu = (
+        {k: v for k, v in status.get("devices", {}).items() if k.startswith("cuda")}
+        if device != "CPU"
+        else {}
+    )
     return {
-        "way": f"server, {policy}",
+        "gpu_status": gpu,
+        "way": f"server, {policy}" + (f", {device}" if device != "CPU" else ""),
         "hit_ratio": 1 - loads / len(trace),
         "loads": loads,
         "peak_rss_mib": peak / MiB,
@@ -182,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-mib", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--device", default="CPU", help="CPU, or a GPU (cuda:N): the budget is then that GPU's"
+    )
     args = parser.parse_args(argv)
     budget = args.budget_mib * MiB
     count = max(1, round(args.budget_mib / (sum(SIZES_MIB) / len(SIZES_MIB))))
@@ -190,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         models = make_models(directory)
         trace = zipf_trace(args.requests, len(models), args.seed)
         rows = [
-            run_server(models, trace, "gdsf", budget, directory),
-            run_server(models, trace, "lru", budget, directory),
-            run_count_lru(models, trace, count),
+            run_server(models, trace, "gdsf", budget, directory, args.device),
+            run_server(models, trace, "lru", budget, directory, args.device),
         ]
+        if args.device == "CPU":
+            rows.append(run_count_lru(models, trace, count))
     print(f"\nkeyed trace: {args.requests} requests, zipf s=1.1 over {len(SIZES_MIB)} models "
           f"({sum(SIZES_MIB)} MiB in all), budget {args.budget_mib} MiB (count cap {count})")  # fmt: skip
     print(f"{'way':<42} {'hit ratio':>9} {'loads':>6} {'peak RSS above base':>20} {'req/s':>8}")
@@ -202,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['way']:<42} {r['hit_ratio']:>9.3f} {r['loads']:>6} {r['peak_rss_mib']:>16.0f} MiB "
             f"{r['requests_per_s']:>8.1f}"
         )
+    for r in rows:
+        for name, dev in r.get("gpu_status", {}).items():
+            print(f"{r['way']}: {name} at the end: {dev}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
