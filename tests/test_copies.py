@@ -199,3 +199,27 @@ def test_copies_split_the_compute_threads_and_sit_where_the_hook_places_them():
     assert place({"cpu": None}, 100, 3) == ["cpu", "cpu", "cpu"]
     with pytest.raises(ValueError):
         place({"cpu": None}, 100, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_copies_on_one_gpu_give_one_copys_results_and_share_the_requests(private_dir, sock_path):
+    path = os.path.join(private_dir, "mlp.pt")
+    ref = make_checkpoint(path, seed=3)
+    srv = start_server(sock_path)
+    try:
+        spec = ModelSpec("pytorch_state_dict", path, userclass.describe(MLP), {}, device="cuda:0")
+        xs = [torch.randn(8, 8) for _ in range(25)]
+        with ServerClient(sock_path, autostart=False) as c:
+            reply = c.load("two", spec, copies=2)
+            assert reply["copies"] == 2
+            replies = send_from_threads(c, "two", xs, threads=4)
+            (model,) = c.status()["models"]
+        with torch.inference_mode():
+            for per_thread in replies:
+                for x, r in zip(xs, per_thread):
+                    torch.testing.assert_close(r["outputs"], ref(x), rtol=0, atol=TOLERANCE)
+        assert [copy["device"] for copy in model["copies"]] == ["cuda:0", "cuda:0"]
+        assert all(copy["requests"] > 0 for copy in model["copies"]), model["copies"]
+    finally:
+        srv.stop()
