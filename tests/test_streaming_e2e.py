@@ -82,26 +82,10 @@ class Producer(threading.Thread):
             self.error = exc
 
 
-def start_job(job: str, sock: str) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "runtime",
-        "run",
-        job,
-        "--workers",
-        "2",
-        "--threads",
-        "2",
-        "--bundle-size",
-        "64",
-        "--max-bundle-wait",
-        "0.02",
-        "--socket",
-        sock,
-        "--no-progress",
-        "--json",
-    ]
+def start_job(job: str, sock: str, *extra: str, bundle_size: int = 64) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "runtime", "run", job, "--workers", "2", "--threads", "2",
+           "--bundle-size", str(bundle_size), "--max-bundle-wait", "0.02", "--socket", sock,
+           "--no-progress", "--json", *extra]  # fmt: skip
     return subprocess.Popen(
         cmd, env=server_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -191,32 +175,8 @@ def test_a_new_checkpoint_swaps_in_while_events_flow(redis_server, private_dir, 
     r = redis.Redis(unix_socket_path=redis_server.socket)
     n, rate, interval = 4_000, 500.0, 0.5
     xs = rows(n)
-    cmd = [
-        sys.executable,
-        "-m",
-        "runtime",
-        "run",
-        job,
-        "--workers",
-        "2",
-        "--threads",
-        "2",
-        "--bundle-size",
-        "32",
-        "--max-bundle-wait",
-        "0.02",
-        "--socket",
-        sock_path,
-        "--no-progress",
-        "--json",
-        "--watch-model",
-        os.path.join(models, "v*.pt"),
-        "--watch-interval",
-        str(interval),
-    ]
-    running = subprocess.Popen(
-        cmd, env=server_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    watch = ("--watch-model", os.path.join(models, "v*.pt"), "--watch-interval", str(interval))
+    running = start_job(job, sock_path, *watch, bundle_size=32)
     producer = Producer(redis_server.socket, xs, rate=rate)
     producer.start()
     try:
