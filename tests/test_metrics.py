@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 from client import batching
-from client.metrics import BUCKETS_PER_DOUBLING, MAX_BUCKET, Histogram, InferenceMetrics
+from client.metrics import InferenceMetrics
 from modelserver import config
+from modelserver.histogram import BUCKETS_PER_DOUBLING, MAX_BUCKET, Histogram
 
 
 def test_a_histogram_keeps_a_bounded_number_of_buckets_and_exact_count_sum_min_max():
