@@ -15,9 +15,10 @@ Compute: on the CPU the server's compute threads and intra-op threads
 (``batcher.Compute``) are split among the copies, at least one each, so N copies use the
 cores one copy would. On a GPU each copy has its one compute thread, as a model does.
 
-Placement: ``place`` says on which device each copy lives. Today every copy goes on the
-device the model resolved to; spreading copies over GPUs by free budget is the placement
-work's (``modelserver.placement``), which fills this one function.
+Placement: the manager says on which device each copy lives (``placement.place``: on
+GPUs, spread by free budget), and charges each device for the copies on it
+(``accounting``). Each copy runs on its own device; a CUDA out-of-memory in a copy
+relieves that copy's device.
 
 Counters: each copy's ``BatchStats`` counts into the model's totals (``parent``), so a
 model's ``status`` fields read as they did with one copy, and ``copies`` lists each.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,19 +37,6 @@ from modelserver.batcher import Batcher, Batching, BatchStats, Compute, QueueLim
 from modelserver.errors import OutOfMemory
 
 _QUEUE_SUMS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
-
-
-def place(free: Mapping[str, int | None], footprint: int, copies: int) -> list[str]:
-    """The device of each of ``copies`` copies of a model of ``footprint`` bytes, given the
-    candidate devices and their free budgets (None: no budget), in order of preference.
-
-    The hook for placement: today every copy goes on the first candidate (the device the
-    model's spec resolved to; the manager passes only that one). Whether they fit is the
-    manager's check (``make_room``), not this function's."""
-    if copies < 1 or not free:
-        raise ValueError(f"cannot place {copies} copies on {list(free)}")
-    first = next(iter(free))
-    return [first] * copies
 
 
 def check_budget(what: str, nbytes: int, budget: int | None, device: str) -> None:

@@ -2,19 +2,23 @@
 
 Budgets: host RAM (``--memory-budget``, default 70% of the RAM available when the server
 starts) and each GPU (``gpu_fraction`` of its NVML total). Every loaded model is charged
-to its device with its footprint, measured when it loads (``measure``), once per copy
-when a key holds several (``copies``: each with its own batcher, least-busy routing).
+with its footprint, measured when it loads (``measure``), once per copy when a key holds
+several (``copies``: each with its own batcher, least-busy routing): each device with
+the footprints of the copies on it (``accounting``).
 
-Placing: a load asking for "GPU" goes to the GPU with the most free budget, "cuda:N" to
-GPU N (``placement``); "CPU" (or any GPU request without usable CUDA) to the CPU.
+Placing: a load asking for "GPU" puts each copy on the GPU with the most free budget,
+"cuda:N" on GPU N (``placement``); "CPU" (or a GPU request without usable CUDA) on the
+CPU.
 
-Making room: before a load, idle models on the same device are evicted, in the order the
-eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use and reload cost),
-until the new model's expected footprint fits (its last measured footprint, else its
-checkpoint's file size). A model serving a batch is never evicted. When only models in
-use stand in the way, the load waits up to ``load_wait`` seconds for one to go idle,
-then fails with OutOfMemory; a model larger than the whole budget is refused at once.
-A watcher (``pressure``) also evicts idle models when the machine itself runs short.
+Making room: before a load, idle models on each device it uses are evicted, in the
+order that device's eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use
+and reload cost), until the new model's expected share there fits (its last measured
+footprint, else its checkpoint's file size, per copy). A model with a copy on a device
+is a candidate there, and evicting it frees every device it holds. A model serving a
+batch is never evicted. When only models in use stand in the way, the load waits up to
+``load_wait`` seconds for one to go idle, then fails with OutOfMemory; a model larger
+than a whole budget is refused at once. A watcher (``pressure``) also evicts idle models
+when the machine itself runs short.
 
 Registering a key again with a different spec swaps versions (``swap``), unless the
 load's sequence says it is older than the version the key serves (``swap.replaces``).
@@ -39,68 +43,31 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from modelserver import copies, loaders, memory, placement, swap
+from modelserver import accounting, copies, loaders, memory, placement, swap
 from modelserver.batcher import MIN_RETRY_AFTER, Batching, BatchStats, Compute, QueueLimits, Work
 from modelserver.copies import Copies
-from modelserver.errors import BeamletError, InternalError, ModelNotFound, OutOfMemory, Overloaded
+from modelserver.errors import (
+    BeamletError,
+    InternalError,
+    ModelLoadError,
+    ModelNotFound,
+    OutOfMemory,
+    Overloaded,
+)
 from modelserver.measure import estimate_bytes, measured_load
 from modelserver.policy import POLICIES, GreedyDualSizeFrequency
 from modelserver.pressure import PressureWatcher
 from modelserver.serverlog import DeferredLog
+from modelserver.slot import ModelSlot
 
 log = logging.getLogger("beamlet.manager")
 
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_LOAD_WAIT = 30.0
 MAX_RELOADS = 5  # a request whose model is evicted again before it runs, this many times, fails
-
-
-_NO_QUEUE = dict.fromkeys(
-    ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads"), 0
-)
-
-
-@dataclass
-class ModelStats:
-    loads: int = 0
-    evictions: int = 0
-    hits: int = 0
-    misses: int = 0
-    swaps: int = 0
-    failed_swaps: int = 0
-    load_seconds: float = 0.0
-    last_load_seconds: float = 0.0
-
-
-@dataclass
-class ModelSlot:
-    """A key's registration: its spec, and the loaded model (its copies) while it is in memory."""
-
-    key: str
-    spec: loaders.ModelSpec
-    device: str
-    batcher: Copies | None = None
-    footprint: int = 0  # bytes charged to the device, every copy; kept after eviction as an estimate
-    measured: int = 0  # the raw reading (RSS delta, or allocator delta on a GPU)
-    nvml_delta: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    stats: ModelStats = field(default_factory=ModelStats)
-    batch_stats: BatchStats = field(default_factory=BatchStats)  # across loads
-    info: dict[str, Any] = field(default_factory=dict)  # what the last load produced; never cleared
-    sequence: tuple[int, int] | None = None  # the served version's place in the key's order
-    copies: int = 1  # how many copies of the model were loaded last
-
-    @property
-    def copy_footprint(self) -> int:
-        return self.footprint // max(self.copies, 1)
-
-    @property
-    def loaded(self) -> bool:
-        return self.batcher is not None
 
 
 class ModelManager:
@@ -180,8 +147,8 @@ class ModelManager:
             return self._used(device)
 
     def _used(self, device: str) -> int:
-        loaded = sum(s.footprint for s in self._slots.values() if s.loaded and s.device == device)
-        return loaded + self._retiring_bytes.get(device, 0)
+        loaded = (s.charges for s in self._slots.values() if s.loaded)
+        return accounting.used(device, loaded, self._retiring_bytes)
 
     # -- the public verbs ---------------------------------------------------------------
     def register(
@@ -244,7 +211,8 @@ class ModelManager:
                     self._park(slot, work)
                     return
                 slot.stats.hits += 1
-                self._policy(slot.device).hit(key)
+                for device in slot.charges:
+                    self._policy(device).hit(key)
                 batcher.pin()  # under the lock: no eviction can slip in before submit
             try:
                 batcher.submit(work)
@@ -352,43 +320,16 @@ class ModelManager:
         with self._lock:
             slots = list(self._slots.values())
             waiting = {k: list(v) for k, v in self._waiting.items()}
-        out = []
-        for s in slots:
-            b = s.batcher
-            out.append(
-                {
-                    "key": s.key,
-                    "model_id": s.spec.model_id,
-                    "loaded": b is not None,
-                    "device": s.device,
-                    "requested_device": s.spec.device,
-                    "nbytes": b.nbytes if b else 0,
-                    "footprint": s.footprint,
-                    "measured": s.measured,
-                    "nvml_delta": s.nvml_delta,
-                    **(b.queue_state() if b else _NO_QUEUE),
-                    "copies": b.describe() if b else [],
-                    "waiting_for_load": len(waiting.get(s.key, ())),
-                    "idle_seconds": round(now - s.last_used, 3),
-                    "priority": self._policy(s.device).priority(s.key),
-                    "loads": s.stats.loads,
-                    "evictions": s.stats.evictions,
-                    "hits": s.stats.hits,
-                    "misses": s.stats.misses,
-                    "swaps": s.stats.swaps,
-                    "failed_swaps": s.stats.failed_swaps,
-                    "revision": s.spec.revision,
-                    "sequence": list(s.sequence) if s.sequence is not None else None,
-                    "load_seconds": round(s.stats.load_seconds, 4),
-                    **s.batch_stats.as_dict(),
-                }
-            )
-        return out
+        return [
+            s.describe(now, len(waiting.get(s.key, ())), self._policy(s.device).priority(s.key))
+            for s in slots
+        ]
 
     def devices(self) -> dict[str, dict[str, Any]]:
         """Budget and use per device, with the machine's own readings."""
         with self._lock:
-            devices = {s.device for s in self._slots.values()} | {"cpu"}
+            devices = {d for s in self._slots.values() for d in s.charges} | {"cpu"}
+            devices |= set(self._retiring_bytes)
         out: dict[str, dict[str, Any]] = {}
         for d in sorted(devices):
             entry: dict[str, Any] = {"budget": self.budget(d), "used": self.used(d)}
@@ -437,27 +378,19 @@ class ModelManager:
         old: ModelSlot | None,
         notes: DeferredLog,
     ) -> ModelSlot:
-        """Under the load lock: make room, load, measure, install ``spec`` as the version
-        at ``sequence``. A loaded ``old`` version is retired (``swap.retire``) once the new
-        one serves."""
-        device = loaders.resolve_device(spec.device, notes)
+        """Under the load lock: place, make room, load, measure, install ``spec`` as the
+        version at ``sequence``. A loaded ``old`` version is retired (``swap.retire``)
+        once the new one serves."""
         n = self.copies_of(key)
         same = old is not None and old.spec == spec and old.footprint
-        expected = (old.copy_footprint if same and old is not None else estimate_bytes(spec)) * n
-        if device != "cpu":  # CUDA is usable: which GPU (the CPU's path is unchanged)
-            device = self._place_on_gpu(key, spec.device, expected)
-        budget = self.budget(device)
-        what = f"{n} copies" if n > 1 else "one copy"
-        copies.check_budget(f"model {key!r} needs about {expected} bytes ({what})", expected, budget, device)
-        self.make_room(key, device, expected, notes)
-        free = {device: None if budget is None else budget - self.used(device)}
-        devices = copies.place(free, expected // n, n)
+        per_copy = old.copy_footprint if same and old is not None else estimate_bytes(spec)
+        devices = self.place(key, spec, per_copy, n, notes)
+        self.make_room_for(key, accounting.planned(devices, per_copy), devices, notes, measured=False)
         load = partial(measured_load, key, spec, host=self.host, collect=self._collect, notes=notes)
         loads = [load(device=d, relieve=partial(self._on_oom, d, notes)) for d in devices]
-        footprint = sum(m.footprint for m in loads)
+        charges = accounting.charges(zip(devices, (m.footprint for m in loads)))
         try:
-            copies.check_budget(f"model {key!r} takes {footprint} bytes ({what})", footprint, budget, device)
-            self.make_room(key, device, footprint, notes)
+            self.make_room_for(key, charges, devices, notes, measured=True)
         except OutOfMemory:
             del loads
             self._collect()
@@ -466,6 +399,7 @@ class ModelManager:
             del loads
             raise OutOfMemory("the server is stopping")
         model, seconds = loads[0].model, sum(m.seconds for m in loads)
+        footprint = sum(charges.values())
         with self._lock:
             old = self._slots.get(key)
             batch_stats = old.batch_stats if old is not None else BatchStats()
@@ -481,7 +415,7 @@ class ModelManager:
                 batching=self._batching.get(key),
             )
             measured, nvml_delta = sum(m.measured for m in loads), sum(m.nvml_delta for m in loads)
-            slot = ModelSlot(key, spec, device, batcher, footprint, measured, nvml_delta)
+            slot = ModelSlot(key, spec, charges, batcher, measured, nvml_delta)
             slot.sequence, slot.copies = sequence, n
             slot.batch_stats = batch_stats
             slot.info = {
@@ -499,38 +433,77 @@ class ModelManager:
                 slot.stats.swaps += old.spec != spec
                 if old.batcher is not None:
                     retired = self._detach(old, evicted=False)
-                    retired_charge = (old.device, old.footprint)
+                    retired_charges = dict(old.charges)
                     self.retiring += 1
-                    self._retiring_bytes[old.device] = self._retiring_bytes.get(old.device, 0) + old.footprint
+                    accounting.add(self._retiring_bytes, retired_charges)
             slot.stats.loads += 1
             slot.stats.load_seconds += seconds
             slot.stats.last_load_seconds = seconds
             self._slots[key] = slot
-            self._policy(device).loaded(key, footprint, seconds)
+            for d, charge in charges.items():
+                self._policy(d).loaded(key, charge, seconds)
         if retired is not None:
-            swap.retire(retired, key, self.release, lambda: self._retired(*retired_charge))
+            swap.retire(retired, key, self.release, lambda: self._retired(retired_charges))
         notes.info(
             log,
             "loaded %s (%s, %s) on %s in %.2fs: %d tensor bytes, reading %+d, charged %d",
-            key, spec.model_id, what, device, seconds, model.nbytes * n, measured, footprint,
+            key, spec.model_id, accounting.describe_share(n, n), ", ".join(charges), seconds,
+            model.nbytes * n, measured, footprint,
         )  # fmt: skip
         return slot
 
-    def _place_on_gpu(self, key: str, requested: str, expected: int) -> str:
-        """Under the load lock: the GPU for ``key`` (``placement.place``: the most free
-        budget for "GPU", the pinned one for "cuda:N"); OutOfMemory when none could hold it."""
+    def place(
+        self, key: str, spec: loaders.ModelSpec, per_copy: int, copies: int, notes: DeferredLog
+    ) -> list[str]:
+        """Under the load lock: the device of each of ``copies`` copies of ``key``'s model
+        of ``per_copy`` bytes. "CPU" (or a GPU request without usable CUDA): the CPU for
+        all; otherwise ``placement.place`` over the
+        GPUs' free budgets. ModelLoadError (no such GPU) or
+        OutOfMemory (a copy that fits no GPU's whole budget)."""
+        what = f"model {key!r}"
+        device = loaders.resolve_device(spec.device, notes)
+        if device == "cpu":
+            return ["cpu"] * copies
         import torch
 
         budgets = {d: self.budget(d) for d in (f"cuda:{i}" for i in range(torch.cuda.device_count()))}
         with self._lock:
             free = {d: None if b is None else b - self._used(d) for d, b in budgets.items()}
-        return placement.place(requested, free, expected, budgets=budgets, what=f"model {key!r}")[0]
+        try:
+            return placement.place(
+                spec.device,
+                free,
+                per_copy,
+                copies,
+                budgets=budgets,
+                what=what,
+                notes=notes,
+            )
+        except ValueError as exc:
+            raise ModelLoadError(f"{what}: {exc}") from None
+
+    def make_room_for(
+        self, key: str, charges: accounting.Charges, devices: list[str], notes: DeferredLog, *, measured: bool
+    ) -> None:
+        """Under the load lock: ``make_room`` on every device ``charges`` names, for its
+        share (``devices``: where each copy goes). OutOfMemory at once when a share
+        exceeds its device's whole budget (``measured``: the shares are readings, not
+        estimates)."""
+        for device, share in charges.items():
+            what = accounting.describe_share(devices.count(device), len(devices))
+            verb = f"takes {share}" if measured else f"needs about {share}"
+            where = f" on {device}" if len(charges) > 1 else ""
+            copies.check_budget(
+                f"model {key!r} {verb} bytes ({what}{where})", share, self.budget(device), device
+            )
+        for device, share in charges.items():
+            self.make_room(key, device, share, notes)
 
     def make_room(self, key: str, device: str, needed: int, notes: DeferredLog, *, wait: bool = True) -> bool:
-        """Under the load lock: evict idle models on ``device`` until ``needed`` more
-        bytes fit its budget, waiting up to ``load_wait`` seconds for busy models to go
-        idle (``wait=False``: return False at once instead of waiting or failing). True
-        when it fits."""
+        """Under the load lock: evict idle models with a copy on ``device`` until
+        ``needed`` more bytes fit its budget, waiting up to ``load_wait`` seconds for busy
+        models to go idle (``wait=False``: return False at once instead of waiting or
+        failing). True when it fits."""
         budget = self.budget(device)
         if budget is None:
             return True
@@ -542,7 +515,7 @@ class ModelManager:
                     return True
                 idle = [k for k in self._idle_keys(device) if k != key]
                 chosen = self._policy(device).choose_victims(idle, used + needed - budget)
-                if not wait and sum(self._slots[k].footprint for k in idle) < used + needed - budget:
+                if not wait and sum(self._slots[k].charges[device] for k in idle) < used + needed - budget:
                     return False  # evicting every idle model would not be enough: keep them
                 victims = [self._detach(self._slots[k]) for k in chosen]
                 if not victims:
@@ -583,11 +556,11 @@ class ModelManager:
 
     # -- bookkeeping under the registry lock ------------------------------------------------
     def _idle_keys(self, device: str) -> list[str]:
-        """Under the lock: the models on ``device`` that may be evicted now."""
+        """Under the lock: the models with a copy on ``device`` that may be evicted now."""
         return [
             s.key
             for s in self._slots.values()
-            if s.device == device and s.batcher is not None and not s.batcher.busy
+            if device in s.charges and s.batcher is not None and not s.batcher.busy
         ]
 
     def _detach(self, slot: ModelSlot, evicted: bool = True) -> Copies:
@@ -597,20 +570,21 @@ class ModelManager:
         slot.batcher = None
         if evicted:
             slot.stats.evictions += 1
-        self._policy(slot.device).evicted(slot.key)
+        for device in slot.charges:  # every device it held is freed
+            self._policy(device).evicted(slot.key)
         return batcher
 
-    def _retired(self, device: str, footprint: int) -> None:
-        """A retired version is freed: its footprint is no longer charged."""
+    def _retired(self, charges: accounting.Charges) -> None:
+        """A retired version is freed: its charges are no longer counted."""
         with self._lock:
             self.retiring -= 1
-            self._retiring_bytes[device] -= footprint
+            accounting.remove(self._retiring_bytes, charges)
             self._idle.notify_all()  # loads waiting for room look again
 
     def _collect(self) -> None:
         gc.collect()
         memory.trim_heap()
-        if any(s.device != "cpu" for s in list(self._slots.values())):
+        if any(d != "cpu" for s in list(self._slots.values()) for d in s.charges):
             import torch
 
             torch.cuda.empty_cache()

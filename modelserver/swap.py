@@ -5,8 +5,8 @@ place) swaps, under the manager's load lock:
 
 Beside: when the budget holds both (after evicting idle models of other keys), the new
 version loads while the old one serves, then becomes current atomically; the old one
-finishes its queued batches on a ``retire-<key>`` thread and is freed. Its footprint
-stays charged to its device until then, so other loads cannot overrun the budget.
+finishes its queued batches on a ``retire-<key>`` thread and is freed. Its footprints
+stay charged to its devices until then, so other loads cannot overrun a budget.
 
 Drain first: when it does not, the new version is checked (its checkpoint read
 memory-mapped against its class), the old one is taken out of service, finishes its
@@ -32,14 +32,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from modelserver import loaders
+from modelserver import accounting, loaders
 from modelserver.copies import Copies
 from modelserver.errors import BadRequest
 from modelserver.measure import estimate_bytes
 from modelserver.serverlog import DeferredLog
 
 if TYPE_CHECKING:
-    from modelserver.manager import ModelManager, ModelSlot
+    from modelserver.manager import ModelManager
+    from modelserver.slot import ModelSlot
 
 log = logging.getLogger("beamlet.manager")
 
@@ -90,11 +91,13 @@ def swap(
 ) -> ModelSlot:
     """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``, the
     version at ``sequence``."""
-    device = loaders.resolve_device(spec.device, notes)
-    per_copy = max(estimate_bytes(spec), old.copy_footprint if old.device == device else 0)
-    expected = per_copy * manager.copies_of(key)  # the new version's copies, all of them
-    beside = manager.budget(device) is None or manager.make_room(key, device, expected, notes, wait=False)
     try:
+        on_cpu = loaders.resolve_device(spec.device, notes) == "cpu"
+        per_copy = max(estimate_bytes(spec), old.copy_footprint if on_cpu == (old.device == "cpu") else 0)
+        # the new version's copies, all of them, where they would go beside the old ones
+        devices = manager.place(key, spec, per_copy, manager.copies_of(key), notes)
+        expected = accounting.planned(devices, per_copy)
+        beside = all(manager.make_room(key, d, share, notes, wait=False) for d, share in expected.items())
         if beside:
             return manager.load(key, spec, sequence, old, notes)
         loaders.check(spec)
@@ -109,7 +112,8 @@ def swap(
             exc,
         )
         raise
-    notes.info(log, "swapping %s: %s cannot hold both versions; draining the old one first", key, device)
+    where = ", ".join(expected)
+    notes.info(log, "swapping %s: %s cannot hold both versions; draining the old one first", key, where)
     old_spec, old_sequence = old.spec, old.sequence
     manager.release([manager.take_out_of_service(old)])
     try:

@@ -14,7 +14,7 @@ from client.serverclient import ServerClient
 from modelserver import protocol, userclass
 from modelserver.batcher import Compute
 from modelserver.channel import Channel
-from modelserver.copies import place, split
+from modelserver.copies import split
 from modelserver.errors import BadRequest, OutOfMemory
 from modelserver.loaders import ModelSpec
 from tests.conftest import start_server
@@ -191,35 +191,58 @@ def test_copies_default_to_one_and_a_bad_field_is_refused_by_the_server(server, 
         assert reply["copies"] == 1
 
 
-def test_copies_split_the_compute_threads_and_sit_where_the_hook_places_them():
+def test_copies_split_the_compute_threads():
     assert split(Compute(8, 8), 2) == Compute(4, 4)
     assert split(Compute(2, 2), 4) == Compute(1, 1)  # at least one each
     assert split(Compute(4, None), 3) == Compute(1, None)
     assert split(Compute(4, 4), 1) == Compute(4, 4)
-    assert place({"cpu": None}, 100, 3) == ["cpu", "cpu", "cpu"]
-    with pytest.raises(ValueError):
-        place({"cpu": None}, 100, 0)
+
+
+def serve_two_copies(private_dir: str, sock_path: str, device: str) -> tuple[dict, dict]:
+    """Two copies of a model on ``device`` in a real server, 4 clients' requests checked
+    against the model; the server's status, and the model's row in it."""
+    path = os.path.join(private_dir, "mlp.pt")
+    ref = make_checkpoint(path, seed=3)
+    srv = start_server(sock_path)
+    try:
+        spec = ModelSpec("pytorch_state_dict", path, userclass.describe(MLP), {}, device=device)
+        xs = [torch.randn(8, 8) for _ in range(25)]
+        with ServerClient(sock_path, autostart=False) as c:
+            reply = c.load("two", spec, copies=2)
+            replies = send_from_threads(c, "two", xs, threads=4)
+            status = c.status()
+    finally:
+        srv.stop()
+    with torch.inference_mode():
+        for per_thread in replies:
+            for x, r in zip(xs, per_thread):
+                torch.testing.assert_close(r["outputs"], ref(x), rtol=0, atol=TOLERANCE)
+    (model,) = status["models"]
+    assert reply["copies"] == 2 and reply["device"] == model["device"]
+    assert all(copy["requests"] > 0 for copy in model["copies"]), model["copies"]
+    assert model["footprint"] == sum(model["charges"].values())
+    return status, model
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_two_copies_on_one_gpu_give_one_copys_results_and_share_the_requests(private_dir, sock_path):
-    path = os.path.join(private_dir, "mlp.pt")
-    ref = make_checkpoint(path, seed=3)
-    srv = start_server(sock_path)
-    try:
-        spec = ModelSpec("pytorch_state_dict", path, userclass.describe(MLP), {}, device="cuda:0")
-        xs = [torch.randn(8, 8) for _ in range(25)]
-        with ServerClient(sock_path, autostart=False) as c:
-            reply = c.load("two", spec, copies=2)
-            assert reply["copies"] == 2
-            replies = send_from_threads(c, "two", xs, threads=4)
-            (model,) = c.status()["models"]
-        with torch.inference_mode():
-            for per_thread in replies:
-                for x, r in zip(xs, per_thread):
-                    torch.testing.assert_close(r["outputs"], ref(x), rtol=0, atol=TOLERANCE)
-        assert [copy["device"] for copy in model["copies"]] == ["cuda:0", "cuda:0"]
-        assert all(copy["requests"] > 0 for copy in model["copies"]), model["copies"]
-    finally:
-        srv.stop()
+    status, model = serve_two_copies(private_dir, sock_path, "cuda:0")
+    assert [copy["device"] for copy in model["copies"]] == ["cuda:0", "cuda:0"]
+    assert model["charges"] == {"cuda:0": model["footprint"]}
+    assert status["devices"]["cuda:0"]["used"] == model["footprint"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_copies_on_gpus_go_one_to_each_and_each_gpu_is_charged_its_copy(private_dir, sock_path):
+    """``device="GPU"`` with two copies on a machine with two (or more) empty GPUs: the
+    second copy goes to another GPU than the first (the first's is charged before it is
+    placed), and each GPU's ``used`` is the footprint of the copy on it."""
+    status, model = serve_two_copies(private_dir, sock_path, "GPU")
+    devices = [copy["device"] for copy in model["copies"]]
+    assert len(set(devices)) == 2 and all(d.startswith("cuda:") for d in devices), devices
+    assert model["device"] == devices[0]  # the first copy's, as before copies spread
+    assert model["charges"] == {copy["device"]: copy["footprint"] for copy in model["copies"]}
+    for copy in model["copies"]:
+        assert status["devices"][copy["device"]]["used"] == copy["footprint"] > 0

@@ -50,6 +50,37 @@ def test_copies_spread_over_gpus_by_free_budget():
     ]
 
 
+@pytest.mark.parametrize(
+    ("free", "footprint", "copies", "expected"),
+    [
+        # 3 GPUs: cuda:1 has the most room for two; then cuda:2 ties it and holds none yet
+        ({"cuda:0": 1 * GB, "cuda:1": 4 * GB, "cuda:2": 2 * GB}, GB, 4, [1, 1, 2, 1]),
+        # 4 GPUs: ties go to the GPU holding fewer copies, then to the lowest index
+        (
+            {"cuda:0": 6 * GB, "cuda:1": 10 * GB, "cuda:2": 3 * GB, "cuda:3": 8 * GB},
+            2 * GB,
+            5,
+            [1, 3, 1, 0, 3],
+        ),
+        # the GPU with little room takes none until the others come down to it
+        ({"cuda:0": 9 * GB, "cuda:1": 9 * GB, "cuda:2": GB, "cuda:3": 5 * GB}, GB, 6, [0, 1, 0, 1, 0, 1]),
+    ],
+)
+def test_copies_spread_over_three_or_four_gpus_with_unequal_free_budgets(free, footprint, copies, expected):
+    assert place("GPU", free, footprint, copies=copies) == [f"cuda:{i}" for i in expected]
+
+
+def test_a_copy_that_fits_no_gpu_names_each_free_budget():
+    # the first two copies fit (cuda:0, then cuda:1); the third fits none of the three
+    free = {"cuda:0": 3 * GB, "cuda:1": 2 * GB, "cuda:2": GB}
+    with pytest.raises(OutOfMemory) as err:
+        place("GPU", free, 2 * GB, copies=3, what="model 'k'")
+    message = str(err.value)
+    assert message.startswith(f"model 'k' needs {2 * GB} bytes for each of 3 copies")
+    for device, nbytes in free.items():
+        assert f"{device} {nbytes} bytes free" in message
+
+
 def test_copies_that_do_not_all_fit_fail_naming_each_budget():
     with pytest.raises(OutOfMemory) as err:
         place("GPU", {"cuda:0": 5 * GB, "cuda:1": 5 * GB}, 3 * GB, copies=3)
