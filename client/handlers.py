@@ -236,10 +236,14 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         load_model_args: dict[str, Any] | None = None,
         env_vars: dict[str, str] | None = None,
         socket_path: str | None = None,
+        cpu_fallback: bool = True,
         **kwargs: Any,
     ):
         super().__init__()
         _check_sources(state_dict_path, model_class, torch_script_model_path)
+        if not isinstance(cpu_fallback, bool):
+            raise ConfigurationError(f"cpu_fallback must be True or False, got {cpu_fallback!r}")
+        self._cpu_fallback = cpu_fallback
         if model_copies is not None and (type(model_copies) is not int or model_copies < 1):
             raise ConfigurationError(f"model_copies must be an int >= 1, got {model_copies!r}")
         # As in Beam, model_copies implies large_model: the copies live in the model server.
@@ -313,6 +317,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
                 self._load_model_args,
                 version.revision,
                 self._env_vars,
+                self._cpu_fallback,
             )
         return ModelSpec(
             "pytorch_state_dict",
@@ -323,6 +328,7 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
             self._load_model_args,
             version.revision,
             self._env_vars,
+            self._cpu_fallback,
         )
 
     def model_key(self) -> str:
@@ -519,11 +525,13 @@ class PytorchModelHandlerTensor(_PytorchHandler):
     """A PyTorch model whose examples are tensors (Beam's PytorchModelHandlerTensor).
 
     Either ``state_dict_path`` + ``model_class`` (+ ``model_params``), or
-    ``torch_script_model_path``. ``device`` "CPU" or "GPU" (falls back to the CPU with a
-    warning where CUDA is unusable). ``large_model=True`` keeps one copy of the model per
-    machine, in the model server; ``model_copies=N`` keeps N there (and implies
-    ``large_model``), each request going to the least busy copy. ``inference_fn(batch, model, device, inference_args,
-    model_id)`` replaces the default stack-and-call.
+    ``torch_script_model_path``. ``device`` "CPU", "GPU" or "cuda:N" (a GPU request falls
+    back to the CPU with a warning where CUDA is unusable; ``cpu_fallback=False``: the
+    load fails with ModelLoadError instead). ``large_model=True`` keeps one copy of the
+    model per machine, in the model server; ``model_copies=N`` keeps N there (and implies
+    ``large_model``; on GPUs spread by free budget), each request going to the least busy
+    copy. ``inference_fn(batch, model, device, inference_args, model_id)`` replaces the
+    default stack-and-call.
     """
 
     _default_fn = staticmethod(default_tensor_inference_fn)

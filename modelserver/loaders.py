@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from modelserver import memory, userclass, wire
+from modelserver import memory, placement, userclass, wire
 from modelserver.errors import BadInput, BadRequest, ModelError, ModelLoadError
 from modelserver.serverlog import DeferredLog
 
@@ -51,6 +51,10 @@ class ModelSpec:
     env_vars           environment variables set in the loading process before the model
                        loads (Beam's ``env_vars``); two models that need different values
                        of one variable cannot share a process (``apply_env_vars``)
+    cpu_fallback       whether a GPU request may fall back to the CPU where CUDA is not
+                       usable (False: the load fails instead). On the wire only when
+                       False, so a spec without it means True and specs that allow the
+                       fallback keep the digest (and model_id) they had before the field
     """
 
     loader: str
@@ -61,10 +65,14 @@ class ModelSpec:
     load_model_args: dict[str, Any] = field(default_factory=dict)
     revision: str = ""
     env_vars: dict[str, str] = field(default_factory=dict)
+    cpu_fallback: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it would turn a dataclass among model_params into a map.
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.cpu_fallback is True:
+            del data["cpu_fallback"]  # the default: absent, as from a client that predates it
+        return data
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ModelSpec:
@@ -89,6 +97,8 @@ class ModelSpec:
             isinstance(k, str) and isinstance(v, str) for k, v in self.env_vars.items()
         ):
             raise ModelLoadError("env_vars must be a map of str to str")
+        if not isinstance(self.cpu_fallback, bool):
+            raise ModelLoadError(f"cpu_fallback must be true or false, not {self.cpu_fallback!r}")
 
     def digest(self) -> str:
         """A stable fingerprint: two specs with the same digest load the same model. A
@@ -223,8 +233,11 @@ def _has_placeholders(value: Any) -> bool:
     return False
 
 
-def resolve_device(requested: str, notes: DeferredLog | None = None) -> str:
-    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back.
+def resolve_device(
+    requested: str, notes: DeferredLog | None = None, *, fallback: bool = True, what: str = "the model"
+) -> str:
+    """The torch device for a spec's device string, with Beam's GPU-to-CPU fall-back
+    (``fallback`` False: a ModelLoadError instead, naming the model as ``what``).
     ``notes``: where to log, when the caller holds a lock (see ``serverlog``)."""
     import torch
 
@@ -234,6 +247,8 @@ def resolve_device(requested: str, notes: DeferredLog | None = None) -> str:
     if wanted.upper() in ("GPU", "CUDA") or wanted.lower().startswith("cuda"):
         if torch.cuda.is_available():
             return "cuda" if wanted.upper() in ("GPU", "CUDA") else wanted.lower()
+        if not fallback:
+            raise placement.no_cpu_fallback(what, requested)
         if not _cuda_warned.is_set():
             _cuda_warned.set()
             _warn(notes, "device %r requested but CUDA is not usable here; using the CPU", requested)
@@ -260,7 +275,9 @@ def load(
 
     spec.validate()
     apply_env_vars(spec.env_vars, owner or spec.model_id)
-    device = device or resolve_device(spec.device, notes)
+    device = device or resolve_device(
+        spec.device, notes, fallback=spec.cpu_fallback, what=f"model {spec.model_id}"
+    )
     args = _load_args(spec, notes)
     if spec.loader == "torchscript":
         args.pop("weights_only", None)  # TorchScript archives hold no pickled code

@@ -7,8 +7,8 @@ several (``copies``: each with its own batcher, least-busy routing): each device
 the footprints of the copies on it (``accounting``).
 
 Placing: a load asking for "GPU" puts each copy on the GPU with the most free budget,
-"cuda:N" on GPU N (``placement``); "CPU" (or a GPU request without usable CUDA) on the
-CPU.
+"cuda:N" on GPU N (``placement``); "CPU" (or a GPU request without usable CUDA, unless
+the spec forbids the CPU fallback) on the CPU.
 
 Making room: before a load, idle models on each device it uses are evicted, in the
 order that device's eviction policy gives (``policy.GreedyDualSizeFrequency``: size, use
@@ -456,12 +456,12 @@ class ModelManager:
         self, key: str, spec: loaders.ModelSpec, per_copy: int, copies: int, notes: DeferredLog
     ) -> list[str]:
         """Under the load lock: the device of each of ``copies`` copies of ``key``'s model
-        of ``per_copy`` bytes. "CPU" (or a GPU request without usable CUDA): the CPU for
-        all; otherwise ``placement.place`` over the
-        GPUs' free budgets. ModelLoadError (no such GPU) or
+        of ``per_copy`` bytes. "CPU" (or a GPU request without usable CUDA, when the spec
+        allows the fallback): the CPU for all; otherwise ``placement.place`` over the
+        GPUs' free budgets. ModelLoadError (no such GPU, the fallback forbidden) or
         OutOfMemory (a copy that fits no GPU's whole budget)."""
         what = f"model {key!r}"
-        device = loaders.resolve_device(spec.device, notes)
+        device = loaders.resolve_device(spec.device, notes, fallback=spec.cpu_fallback, what=what)
         if device == "cpu":
             return ["cpu"] * copies
         import torch
@@ -476,6 +476,7 @@ class ModelManager:
                 per_copy,
                 copies,
                 budgets=budgets,
+                fallback=spec.cpu_fallback,
                 what=what,
                 notes=notes,
             )

@@ -14,8 +14,8 @@ The rules (docs/operations.md, "Placement"):
   copies already placed there. A model that fits no device is OutOfMemory, naming every
   candidate device's free budget. A full GPU never sends a model to the CPU.
 - With no GPU at all (no usable CUDA), ``"GPU"`` and ``"cuda:N"`` fall back to the CPU
-  with a warning, as Beam's PyTorch handlers do, when ``fallback`` allows it; otherwise
-  ModelLoadError.
+  with a warning, as Beam's PyTorch handlers do, when ``fallback`` allows it (the spec's
+  ``cpu_fallback``); otherwise ModelLoadError (``no_cpu_fallback``).
 
 Devices are named as torch names them: ``"cpu"``, ``"cuda:0"``, ``"cuda:1"``...; a
 budget of None means the device has none (anything fits; it ranks above every number).
@@ -64,7 +64,7 @@ def place(
     elif wanted in ("gpu", "cuda") or _PINNED.fullmatch(wanted):
         if not gpus:
             if not fallback:
-                raise ModelLoadError(f"{what} asks for device {request!r}, but there is no CUDA device here")
+                raise no_cpu_fallback(what, request)
             message = "device %r requested but CUDA is not usable here; using the CPU"
             if notes is not None:
                 notes.warning(log, message, request)
@@ -92,6 +92,15 @@ def place(
         placed[device] += 1
         chosen.append(device)
     return chosen
+
+
+def no_cpu_fallback(what: str, request: str) -> ModelLoadError:
+    """The error for a GPU request where CUDA is not usable and the handler forbids the
+    CPU fallback (``cpu_fallback=False``)."""
+    return ModelLoadError(
+        f"{what} asked for the GPU (device {request!r}), but CUDA is not usable here, and its "
+        "handler forbids the CPU fallback (cpu_fallback=False)"
+    )
 
 
 def _index(device: str) -> int:

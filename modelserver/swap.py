@@ -92,7 +92,8 @@ def swap(
     """Under the load lock: replace ``key``'s loaded version (``old``) with ``spec``, the
     version at ``sequence``."""
     try:
-        on_cpu = loaders.resolve_device(spec.device, notes) == "cpu"
+        what = f"model {key!r}"
+        on_cpu = loaders.resolve_device(spec.device, notes, fallback=spec.cpu_fallback, what=what) == "cpu"
         per_copy = max(estimate_bytes(spec), old.copy_footprint if on_cpu == (old.device == "cpu") else 0)
         # the new version's copies, all of them, where they would go beside the old ones
         devices = manager.place(key, spec, per_copy, manager.copies_of(key), notes)

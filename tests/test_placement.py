@@ -141,8 +141,12 @@ def test_gpu_without_cuda_falls_back_to_the_cpu_with_a_warning(caplog):
 
 
 def test_gpu_without_cuda_fails_when_the_fallback_is_not_allowed():
-    with pytest.raises(ModelLoadError, match="no CUDA device"):
-        place("GPU", {"cpu": 8 * GB}, GB, fallback=False)
+    with pytest.raises(ModelLoadError) as err:
+        place("GPU", {"cpu": 8 * GB}, GB, fallback=False, what="model 'k'")
+    assert str(err.value) == (
+        "model 'k' asked for the GPU (device 'GPU'), but CUDA is not usable here, and its "
+        "handler forbids the CPU fallback (cpu_fallback=False)"
+    )
 
 
 def test_full_gpus_do_not_fall_back_to_the_cpu():
