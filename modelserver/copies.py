@@ -19,8 +19,9 @@ Placement: ``place`` says on which device each copy lives. Today every copy goes
 device the model resolved to; spreading copies over GPUs by free budget is the placement
 work's (``modelserver.placement``), which fills this one function.
 
-Counters: each copy's ``BatchStats`` counts into the model's totals (``parent``), so a
-model's ``status`` fields read as they did with one copy, and ``copies`` lists each.
+Counters and histograms: each copy's ``BatchStats`` counts into the model's totals
+(``parent``), so a model's ``status`` fields read as they did with one copy, and
+``copies`` lists each, with its own ``histograms``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelserver import loaders
-from modelserver.batcher import Batcher, Batching, BatchStats, Compute, QueueLimits, Work
+from modelserver.batcher import Batcher, Batching, Compute, QueueLimits, Work
+from modelserver.batchstats import BatchStats
 from modelserver.errors import OutOfMemory
 
 _QUEUE_SUMS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
@@ -177,7 +179,7 @@ class Copies:
         return total
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each copy for ``status``: device, footprint, its counters and queue."""
+        """Each copy for ``status``: device, footprint, its counters, queue and histograms."""
         out = []
         for c in self.copies:
             stats = c.batcher.stats
@@ -190,6 +192,7 @@ class Copies:
                     "batches": stats.batches,
                     "busy_seconds": round(stats.busy_seconds, 6),
                     **c.batcher.queue_state(),
+                    "histograms": stats.histograms(),
                 }
             )
         return out

@@ -381,6 +381,7 @@ class ModelManager:
                     "sequence": list(s.sequence) if s.sequence is not None else None,
                     "load_seconds": round(s.stats.load_seconds, 4),
                     **s.batch_stats.as_dict(),
+                    "histograms": s.batch_stats.histograms(),
                 }
             )
         return out
