@@ -20,6 +20,11 @@ never a slow model. ``call`` retries for
 that is longer. So a call to a server that stopped answering (SIGSTOP, wedged) ends
 within ``retry_seconds`` + its silence limit, plus a few seconds of connection probes.
 
+Where the time goes: every infer request's stages (the client's encode, send, wait and
+decode, and the server's queue, assemble, forward and encode from the reply; see
+``client.stages``) are kept as histograms: ``stage_times()`` summarises them and
+``last_stages()`` gives this thread's last request's, in seconds.
+
 ``shared_client(path)`` is the process-wide client for a socket path.
 """
 
@@ -36,6 +41,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from client import autostart
+from client.stages import StageTimes
 from modelserver import config
 from modelserver.channel import Channel
 from modelserver.errors import ModelNotFound, Overloaded, ServerUnavailable
@@ -81,6 +87,7 @@ class ServerClient:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: list[Channel] = []
+        self._stages = StageTimes()  # a forked child counts its own requests
 
     # -- the pool --------------------------------------------------------------------
     @contextmanager
@@ -151,7 +158,10 @@ class ServerClient:
         while True:
             try:
                 with self.channel(deadline=deadline) as ch:
-                    return ch.request(message, timeout=timeout)
+                    reply = ch.request(message, timeout=timeout)
+                    if message.get("op") == "infer":
+                        self._stages.record(ch.timing, reply.get("stages"))
+                    return reply
             except ServerUnavailable as exc:
                 delay = retry_delay(unavailable, *RECONNECT_DELAY)
                 unavailable += 1
@@ -207,7 +217,8 @@ class ServerClient:
     def infer(
         self, key: str, inputs: Any, kwargs: dict[str, Any] | None = None, method: str = "forward"
     ) -> dict[str, Any]:
-        """Run one batch on the model registered under ``key``: {outputs, model_id}.
+        """Run one batch on the model registered under ``key``: {outputs, model_id, and
+        the server's ``stages``}.
         ``inputs`` is the batch; ``kwargs`` the side arguments (never merged with another
         request's); ``method`` one of the model's public methods.
 
@@ -233,6 +244,16 @@ class ServerClient:
                 copies=self._copies.get(key, 1),
             )
             return self.call(message)
+
+    def stage_times(self) -> dict[str, dict[str, Any]]:
+        """Where this client's infer requests spent their time, per stage (``client.stages``):
+        ``{"<stage>_us": {count, mean, p50, p99, max}}`` in microseconds, since this client
+        was made (or its process forked)."""
+        return self._stages.summary()
+
+    def last_stages(self) -> dict[str, float]:
+        """The stages of this thread's last infer request, in seconds (``client.stages``)."""
+        return self._stages.last()
 
     def status(self) -> dict[str, Any]:
         return self.call({"op": "status"}, retry=False)["status"]

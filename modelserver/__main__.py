@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a heartbeat to a client with requests in flight after this long with nothing "
         f"sent to it, so its request deadline catches only a stopped server (default {HEARTBEAT_INTERVAL:g}; 0: none)",
     )
+    serve.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="record no stage times (replies carry no 'stages') and no per-model histograms "
+        "(default: both recorded; they cost a few clock reads per request)",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     serve.add_argument(
         "--log-file",
@@ -192,6 +199,7 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         idle_timeout=args.idle_timeout,
         max_reply_backlog=args.max_reply_backlog,
         heartbeat=args.heartbeat,
+        metrics=args.metrics,
         limits=QueueLimits(args.max_queue_rows, args.max_queue_bytes),
         deterministic=args.deterministic,
         gpu_fraction=args.gpu_memory_fraction,

@@ -36,6 +36,12 @@ size, so every request can run). A request over the limits is refused at once wi
 ``Overloaded``, whose ``retry_after`` is the time the model needs to work through what is
 queued, by its measured rows per second. In the deterministic mode (``merge=False``) no
 two requests share a forward pass: every request is its own batch, whatever the load.
+
+Seeing inside: each forward batch counts into the model's ``BatchStats``
+(``batchstats``: counters, and histograms of queue wait, batch size, forward and reply
+time) and gives each of its requests its stage times (``Work.stages``), which the server
+sends back with the reply; a few clock reads per batch, skipped for requests that are
+not ``timed`` (``serve --no-metrics``).
 """
 
 from __future__ import annotations
@@ -45,11 +51,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from modelserver import loaders, memory, wire
-from modelserver.errors import DEFAULT_RETRY_AFTER, BeamletError, InternalError, OutOfMemory, Overloaded
+from modelserver import loaders, memory
+from modelserver.batchstats import MIN_RETRY_AFTER as MIN_RETRY_AFTER  # the manager's too
+from modelserver.batchstats import BatchStats
+from modelserver.errors import BeamletError, InternalError, OutOfMemory, Overloaded
+from modelserver.work import Work, rows_of
 
 log = logging.getLogger("beamlet.batcher")
 
@@ -58,8 +67,6 @@ DEFAULT_QUEUE_DELAY = 0.005  # seconds a short batch may wait for other callers'
 ACTIVE_WINDOW = 1.0  # a caller that sent a request this recently may send another soon
 DEFAULT_MAX_QUEUE_ROWS = 8192  # 32 full merged batches
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20
-MIN_RETRY_AFTER = 0.005
-MAX_RETRY_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -108,84 +115,6 @@ class Batching:
     @property
     def merges(self) -> bool:
         return self.delay > 0 and self.max_rows > 1
-
-
-@dataclass
-class Work:
-    """One infer request waiting for the model. ``reply`` gets (outputs, None) or (None, error).
-
-    ``inputs``: the batch (a tensor, or a map of named tensors, rows along dim 0);
-    ``kwargs``: side arguments, passed as they are; ``method``: which of the model's
-    public methods to call. ``signature``, ``rows`` and ``nbytes`` (what it counts
-    against the queue's limits) are computed once, before the request queues;
-    ``model_id`` is set by the batcher that takes it."""
-
-    inputs: Any
-    kwargs: dict[str, Any]
-    reply: Callable[[Any, BeamletError | None], None]
-    method: str = "forward"
-    caller: int = 0  # who sent it (a connection): merging waits for callers not yet in the batch
-    enqueued: float = field(default_factory=time.monotonic)
-    signature: tuple[Any, ...] | None = field(default=None, init=False)
-    rows: int = field(default=1, init=False)
-    nbytes: int = field(default=0, init=False)
-    model_id: str = field(default="", init=False)
-    reloads: int = field(default=0, init=False)  # times it waited for its model to load
-    done: threading.Event | None = field(default=None, init=False)  # set once its batch ended, if asked
-
-    def __post_init__(self) -> None:
-        self.signature = _signature(self)
-        self.rows = _rows(self.inputs) or 1
-        self.nbytes = _nbytes(self.inputs) + _nbytes(self.kwargs)
-
-    def finish(self, outputs: Any, error: BeamletError | None) -> None:
-        """Reply; a reply to a connection that just closed must not kill the caller."""
-        try:
-            self.reply(outputs, error)
-        except Exception:
-            log.debug("could not deliver a reply", exc_info=True)
-
-
-@dataclass
-class BatchStats:
-    """A batcher's counters. ``parent``: a model's totals (across its copies and loads),
-    which every ``add`` counts too; each object has its own lock, so copies that share a
-    parent never lose an update."""
-
-    requests: int = 0
-    rows: int = 0
-    batches: int = 0
-    errors: int = 0
-    overloaded: int = 0  # requests refused because the queue was full
-    busy_seconds: float = 0.0
-    parent: BatchStats | None = field(default=None, repr=False, compare=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: float) -> None:
-        """Add to the named counters, here and in ``parent``."""
-        with self._lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-        if self.parent is not None:
-            self.parent.add(**counts)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "rows": self.rows,
-            "batches": self.batches,
-            "errors": self.errors,
-            "overloaded": self.overloaded,
-            "busy_seconds": round(self.busy_seconds, 6),
-        }
-
-    def retry_after(self, rows: int) -> float:
-        """Seconds the model needs for ``rows`` more rows, by its rows per second so far
-        (before its first batch has finished: ``errors.DEFAULT_RETRY_AFTER``)."""
-        if not self.rows:
-            return DEFAULT_RETRY_AFTER
-        per_row = self.busy_seconds / self.rows
-        return round(min(max(rows * per_row, MIN_RETRY_AFTER), MAX_RETRY_AFTER), 4)
 
 
 class Batcher:
@@ -323,14 +252,14 @@ class Batcher:
             )
 
     def _run_timed(self, batch: list[Work]) -> None:
-        started = time.monotonic()
+        taken = time.monotonic()
         try:
-            self._run(batch)
+            self._run(batch, taken)
         finally:
             with self._cond:
                 self._running -= 1
                 self._running_rows -= sum(work.rows for work in batch)
-                self.stats.add(busy_seconds=time.monotonic() - started)
+                self.stats.add(busy_seconds=time.monotonic() - taken)
                 idle = not self._queue and not self._running
                 for work in batch:  # after _running: a reader that waited finds a thread free
                     if work.done is not None:
@@ -447,29 +376,62 @@ class Batcher:
             del self._callers[caller]
         return bool(self._callers.keys() - {w.caller for w in batch})
 
-    def _run(self, batch: list[Work]) -> None:
+    def _run(self, batch: list[Work], taken: float) -> None:
+        """Run ``batch`` (taken from the queue at ``taken``) and answer each request."""
+        assemble = 0.0
         if len(batch) > 1:
+            started = time.monotonic()
             try:
                 merged = _concat([w.inputs for w in batch])
+                called = time.monotonic()
                 outputs = loaders.run(self.model, merged, batch[0].kwargs, batch[0].method)
-                parts = _split(outputs, [_rows(w.inputs) for w in batch])
+                returned = time.monotonic()
+                parts = _split(outputs, [rows_of(w.inputs) for w in batch])
             except Exception as exc:
                 log.debug("merged batch of %d failed (%s); running each alone", len(batch), exc)
                 parts = None
+            ended = time.monotonic()
             if parts is not None:
-                self._account(batch, batches=1)
-                for work, part in zip(batch, parts):
-                    work.finish(part, None)
+                rows = self._account(batch)
+                times = (called - started + ended - returned, returned - called)
+                self._answer(batch, parts, None, rows, taken, *times)
                 return
+            assemble = ended - started  # the failed merge: spent before each ran alone
         for work in batch:
-            self._account([work], batches=1)
+            rows = self._account([work])
+            started = time.monotonic()
+            error = None
             try:
                 out = self._run_one(work)
             except Exception as exc:
                 self.stats.add(errors=1)
-                work.finish(None, _as_error(exc, self.name))
-            else:
-                work.finish(out, None)
+                out, error = None, _as_error(exc, self.name)
+            self._answer([work], [out], error, rows, taken, assemble, time.monotonic() - started)
+
+    def _answer(
+        self,
+        batch: list[Work],
+        outputs: list[Any],
+        error: BeamletError | None,
+        rows: int,
+        taken: float,
+        assemble: float,
+        forward: float,
+    ) -> None:
+        """Reply to each request of a forward batch of ``rows`` rows (``error`` to every
+        one, else its outputs); for timed requests, their stage times and histograms."""
+        if not batch[0].timed:  # one server, one setting: every request in a batch alike
+            for work, out in zip(batch, outputs):
+                work.finish(out, error)
+            return
+        waits = [taken - work.enqueued for work in batch]
+        replies = []
+        ended = time.monotonic()
+        for work, out, wait in zip(batch, outputs, waits):
+            work.stages = (wait, assemble, forward)
+            work.finish(out, error)
+            replies.append(time.monotonic() - ended)
+        self.stats.record_batch(rows, forward, waits, replies)
 
     def _run_one(self, work: Work) -> Any:
         """One request; after a CUDA out-of-memory, free what can be freed and retry once."""
@@ -481,9 +443,11 @@ class Batcher:
         self._on_oom()
         return loaders.run(self.model, work.inputs, work.kwargs, work.method)
 
-    def _account(self, batch: list[Work], batches: int) -> None:
-        rows = sum(_rows(w.inputs) or 0 for w in batch)
-        self.stats.add(batches=batches, requests=len(batch), rows=rows)
+    def _account(self, batch: list[Work]) -> int:
+        """Count one forward batch; its rows."""
+        rows = sum(rows_of(w.inputs) or 0 for w in batch)
+        self.stats.add(batches=1, requests=len(batch), rows=rows)
+        return rows
 
 
 def _set_torch_threads(n: int) -> None:
@@ -502,83 +466,6 @@ def _as_error(exc: BaseException, name: str) -> BeamletError:
         return OutOfMemory(f"model {name} ran out of host memory on this batch")
     log.exception("model %s failed on a batch", name)
     return InternalError(f"model {name} failed: {type(exc).__name__}: {exc}")
-
-
-def _rows(inputs: Any) -> int | None:
-    import torch
-
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else None
-    if isinstance(inputs, dict) and inputs:
-        counts = {_rows(v) for v in inputs.values()}
-        return counts.pop() if len(counts) == 1 else None
-    return None
-
-
-def _nbytes(value: Any) -> int:
-    """Bytes of the tensors and arrays in a request's inputs or side arguments."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
-def _signature(work: Work) -> tuple[Any, ...] | None:
-    """(rows, method, side arguments, structure...) for mergeable work, None for work that
-    must run alone. Two requests merge only when everything but the row count is equal:
-    their side arguments are compared by value (tensors by dtype, shape and bytes)."""
-    import torch
-
-    side = _value_key(work.kwargs)
-    if side is None:
-        return None
-    x = work.inputs
-    if isinstance(x, torch.Tensor) and x.dim():
-        return (x.shape[0], work.method, side, x.dtype, tuple(x.shape[1:]))
-    if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) and v.dim() for v in x.values()):
-        rows = _rows(x)
-        if rows is None:
-            return None
-        return (rows, work.method, side, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in x.items()))
-    return None
-
-
-def _value_key(value: Any) -> Any:
-    """A hashable, comparable stand-in for a side argument; None for one that cannot be
-    compared (the request then runs alone)."""
-    import numpy as np
-    import torch
-
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return (type(value).__name__, value)
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        return ("tensor", str(t.dtype), tuple(t.shape), raw.numpy().tobytes())
-    if isinstance(value, np.ndarray):
-        return ("ndarray", str(value.dtype), value.shape, np.ascontiguousarray(value).tobytes())
-    if isinstance(value, (torch.dtype, torch.device)):
-        return (type(value).__name__, str(value))
-    if isinstance(value, wire.DataclassValue):
-        fields = _value_key(value.fields)
-        return None if fields is None else ("dataclass", value.ref.get("name"), fields)
-    if isinstance(value, dict):
-        items = [(k, _value_key(v)) for k, v in value.items()]
-        if any(v is None for _, v in items):
-            return None
-        return ("map", tuple(sorted(items, key=lambda kv: str(kv[0]))))
-    if isinstance(value, (list, tuple)):
-        keys = [_value_key(v) for v in value]
-        return None if any(k is None for k in keys) else (type(value).__name__, tuple(keys))
-    return None
 
 
 def _concat(inputs: list[Any]) -> Any:

@@ -28,6 +28,12 @@ the request region and only their descriptors travel; reply arrays are copied ou
 the reply region (or, for an input the server hands back, out of the request region)
 while the reply is decoded, so nothing the caller gets refers to shared memory.
 A server that refuses (an older one) leaves the channel on the socket path.
+
+``timing`` holds where the last ``request``/``request_many`` spent its time, in seconds:
+(encode, send, wait, decode): packing the requests, writing them to the socket, waiting
+from the last byte sent until the last reply's first bytes were read (less decoding the
+replies that came before it), and decoding the replies (their array bytes read or
+copied out of shared memory included). The four add up to the whole call.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from modelserver import config, shm, wire
@@ -77,6 +84,7 @@ class Channel:
         self.dead = False
         self.max_frame_bytes: int | None = None
         self.shm: shm.Region | None = None  # our request region, once attached
+        self.timing: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # see the module
         try:
             self.sock.settimeout(connect_timeout)
             self.sock.connect(path)
@@ -171,6 +179,7 @@ class Channel:
             # Forked: the socket is shared with the parent's conversation; never touch it.
             raise ServerUnavailable(f"this connection to {self.path} belongs to process {self._pid}")
         silence = self.request_timeout if timeout is None else timeout
+        started = time.monotonic()
         ids = [next(self._ids) for _ in messages]
         region = self.shm
         if region is not None:
@@ -186,7 +195,7 @@ class Channel:
                     f"request body of {body} bytes is over the server's {self.max_frame_bytes}-byte "
                     "frame limit (python -m modelserver serve --max-frame-bytes)"
                 )
-        return self._collect(frames, ids, silence)
+        return self._collect(frames, ids, silence, started=started)
 
     def _exchange(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """One request whose frame carries ``fds``; raises the reply's typed error."""
@@ -203,16 +212,22 @@ class Channel:
         ids: list[int],
         silence: float,
         fds: list[int] | None = None,
+        started: float | None = None,
     ) -> list[dict[str, Any] | BeamletError]:
-        """Send ``frames`` (the first carrying ``fds``) and gather every reply."""
+        """Send ``frames`` (the first carrying ``fds``) and gather every reply; ``timing``
+        then says where the time went since ``started`` (when encoding began)."""
         try:
             self.sock.settimeout(silence)
+            sending = time.monotonic()
             for head, buffers in frames:
                 wire.sendmsg_all(self.sock, [memoryview(head), *buffers], fds=fds)
                 fds = None
+            sent = time.monotonic()
+            decode = 0.0
             replies: dict[int, dict[str, Any] | BeamletError] = {}
             while len(replies) < len(ids):
                 reply = self._frames.read()
+                decode += time.monotonic() - self._frames.arrived
                 if reply is None:
                     raise ServerUnavailable(f"the server at {self.path} closed the connection")
                 if not isinstance(reply, dict):
@@ -241,6 +256,9 @@ class Channel:
         except BaseException:  # interrupted mid-conversation: replies may still be on the way
             self.close()
             raise
+        ended = time.monotonic()
+        encode = 0.0 if started is None else sending - started
+        self.timing = (encode, sent - sending, ended - sent - decode, decode)
         return [replies[rid] for rid in ids]
 
     def close(self) -> None:

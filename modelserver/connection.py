@@ -116,12 +116,13 @@ class Connection:
         with self._send_lock:
             return self._backlog_bytes
 
-    def send(self, message: Any) -> None:
-        """Queue a reply; written now if the socket takes it, else by the writer thread."""
+    def send(self, message: Any, stages: dict[str, float] | None = None) -> None:
+        """Queue a reply; written now if the socket takes it, else by the writer thread.
+        ``stages``: the reply's stage times (``wire.encode`` adds its encode time)."""
         if self._closed.is_set():
             return
         try:
-            head, buffers = wire.encode(message, shm=self._reply_shm, peer=self._frames.shm)
+            head, buffers = wire.encode(message, shm=self._reply_shm, peer=self._frames.shm, stages=stages)
         except (TypeError, BeamletError) as exc:
             rid = message.get("id") if isinstance(message, dict) else None
             head, buffers = wire.encode(

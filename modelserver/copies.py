@@ -20,8 +20,9 @@ GPUs, spread by free budget), and charges each device for the copies on it
 (``accounting``). Each copy runs on its own device; a CUDA out-of-memory in a copy
 relieves that copy's device.
 
-Counters: each copy's ``BatchStats`` counts into the model's totals (``parent``), so a
-model's ``status`` fields read as they did with one copy, and ``copies`` lists each.
+Counters and histograms: each copy's ``BatchStats`` counts into the model's totals
+(``parent``), so a model's ``status`` fields read as they did with one copy, and
+``copies`` lists each, with its own ``histograms``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelserver import loaders
-from modelserver.batcher import Batcher, Batching, BatchStats, Compute, QueueLimits, Work
+from modelserver.batcher import Batcher, Batching, Compute, QueueLimits, Work
+from modelserver.batchstats import BatchStats
 from modelserver.errors import OutOfMemory
 
 _QUEUE_SUMS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
@@ -165,7 +167,7 @@ class Copies:
         return total
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each copy for ``status``: device, footprint, its counters and queue."""
+        """Each copy for ``status``: device, footprint, its counters, queue and histograms."""
         out = []
         for c in self.copies:
             stats = c.batcher.stats
@@ -178,6 +180,7 @@ class Copies:
                     "batches": stats.batches,
                     "busy_seconds": round(stats.busy_seconds, 6),
                     **c.batcher.queue_state(),
+                    "histograms": stats.histograms(),
                 }
             )
         return out

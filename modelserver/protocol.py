@@ -24,11 +24,12 @@ nothing for 5 s (``connection.HEARTBEAT_INTERVAL``); clients skip it.
               of the model the server holds, each
               with its own batcher; from the key's
               next load)
-    infer     key, inputs, kwargs, method           outputs, model_id
+    infer     key, inputs, kwargs, method           outputs, model_id, stages
               (inputs: the batch, rows along dim 0, concatenated with other requests'
               when merged, never in the deterministic mode; kwargs: side arguments,
               equal in every merged request; method: a public method of the model,
-              default "forward")
+              default "forward"; stages: {queue, assemble, forward, encode} seconds in
+              the server, absent with serve --no-metrics: docs/protocol.md)
     status    -                                     status (see ModelServer.status)
     shutdown  -                                     - (the server then stops)
 

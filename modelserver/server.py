@@ -55,12 +55,14 @@ class ModelServer:
         idle_timeout: float | None = None,
         max_reply_backlog: int = DEFAULT_MAX_BACKLOG,
         heartbeat: float = HEARTBEAT_INTERVAL,
+        metrics: bool = True,
         **manager_options: Any,
     ):
         """``memory_budget``: host bytes for models (None: no limit). ``max_reply_backlog``:
         reply bytes a client may leave unread before its connection stops reading requests.
         ``heartbeat``: seconds of silence after which a connection with requests in flight
-        gets a heartbeat (0: none).
+        gets a heartbeat (0: none). ``metrics``: record each request's stage times (sent
+        with its reply) and each model's histograms (False: ``serve --no-metrics``).
         ``manager_options`` go to ModelManager (gpu_fraction, load_wait, policy,
         min_free_bytes, limits, deterministic)."""
         self.socket_path = config.socket_path(socket_path)
@@ -68,6 +70,7 @@ class ModelServer:
         self.max_reply_backlog = max_reply_backlog
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
+        self.metrics = metrics
         memory.fix_mmap_threshold()
         self.manager = ModelManager(memory_budget, **manager_options)
         self.started = time.time()
@@ -314,9 +317,16 @@ class ModelServer:
                 conn.send(protocol.error_reply(rid, error))
                 return
             work = this[0]()
-            conn.send(protocol.ok_reply(rid, outputs=outputs, model_id=work.model_id if work else ""))
+            message = protocol.ok_reply(rid, outputs=outputs, model_id=work.model_id if work else "")
+            if work is None or work.stages is None:
+                conn.send(message)
+                return
+            queue, assemble, forward = work.stages
+            conn.send(message, stages={"queue": queue, "assemble": assemble, "forward": forward})
 
-        work = Work(request.inputs, request.kwargs, reply, request.method, caller=id(conn))
+        work = Work(
+            request.inputs, request.kwargs, reply, request.method, caller=id(conn), timed=self.metrics
+        )
         this.append(weakref.ref(work))
         self.manager.submit(request.key, work)  # queues, runs now, or waits for a reload: never loads here
 
@@ -375,6 +385,7 @@ class ModelServer:
             "devices": self.manager.devices(),
             "max_frame_bytes": self.max_frame_bytes,
             "deterministic": self.manager.deterministic,
+            "metrics": self.metrics,
             "max_queue_rows": limits.rows,
             "max_queue_bytes": limits.nbytes,
             "max_reply_backlog": self.max_reply_backlog,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelserver import accounting, loaders
-from modelserver.batcher import BatchStats
+from modelserver.batchstats import BatchStats
 from modelserver.copies import Copies
 
 _NO_QUEUE = dict.fromkeys(
@@ -99,4 +99,5 @@ class ModelSlot:
             "sequence": list(self.sequence) if self.sequence is not None else None,
             "load_seconds": round(self.stats.load_seconds, 4),
             **self.batch_stats.as_dict(),
+            "histograms": self.batch_stats.histograms(),
         }

@@ -64,6 +64,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 import msgpack
@@ -382,17 +383,43 @@ def fingerprint(value: Any, fallback: Any = None) -> str:
 
 
 def encode(
-    message: Any, *, shm: Region | None = None, peer: Region | None = None, flags: int = 0
+    message: Any,
+    *,
+    shm: Region | None = None,
+    peer: Region | None = None,
+    flags: int = 0,
+    stages: dict[str, float] | None = None,
 ) -> tuple[bytes, list[memoryview]]:
     """Pack a message into (prefix + header, body buffers). Raises TypeError for unsendables.
     ``shm``: the sender's own shared-memory region, for arrays of at least its threshold;
-    ``peer``: the receiver's, for arrays that already lie in it (handed back by place)."""
+    ``peer``: the receiver's, for arrays that already lie in it (handed back by place).
+    ``stages`` (a reply's stage times, seconds; ``message`` then a map without a
+    ``stages`` field): sent as the message's last field, ``stages``, with ``encode`` added:
+    the seconds packing the rest of the message took, its arrays included."""
     enc = _Encoder(shm=shm, peer=peer)
-    header = msgpack.packb(message, default=enc.default, use_bin_type=True, strict_types=True)
+    if stages is None:
+        header = msgpack.packb(message, default=enc.default, use_bin_type=True, strict_types=True)
+    else:
+        header = _pack_timed(message, stages, enc)
     if len(header) > MAX_HEADER_BYTES:
         raise FrameTooLarge(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     prefix = PREFIX.pack(MAGIC, VERSION, flags, len(header), enc.nbytes)
     return prefix + header, enc.buffers
+
+
+def _pack_timed(message: dict[str, Any], stages: dict[str, float], enc: _Encoder) -> bytes:
+    """The map ``message`` plus ``stages``, its encode time measured first: the map's
+    fields are packed one by one, so the time can go into the same header."""
+    started = time.monotonic()
+    packer = msgpack.Packer(default=enc.default, use_bin_type=True, strict_types=True)
+    parts = [packer.pack_map_header(len(message) + 1)]
+    for key, value in message.items():
+        parts.append(packer.pack(key))
+        parts.append(packer.pack(value))
+    stages["encode"] = time.monotonic() - started
+    parts.append(packer.pack("stages"))
+    parts.append(packer.pack(stages))
+    return b"".join(parts)
 
 
 def send_frame(sock: socket.socket, message: Any, max_body: int | None = None) -> int:
@@ -451,7 +478,9 @@ class FrameReader:
 
     ``shm``: the peer's shared-memory region, once attached; its arrays are borrowed as
     views (``borrow``) or copied out. ``own``: our own region, for arrays the peer hands
-    back in it (copied out). ``flags``: the flags byte of the last frame read.
+    back in it (copied out). ``flags``: the flags byte of the last frame read;
+    ``arrived``: when its first bytes were read (``time.monotonic()``), so a caller can
+    tell waiting for a frame from decoding it.
     While ``accept_fds`` is set, descriptors that arrive (SCM_RIGHTS) are kept for
     ``take_fds`` (at most ``MAX_FDS``; more is a ProtocolError); otherwise the kernel drops
     them.
@@ -464,6 +493,7 @@ class FrameReader:
         self.borrow = False
         self.own: Region | None = None
         self.flags = 0
+        self.arrived = 0.0
         self.accept_fds = False
         self._fds: list[int] = []
         self._buf = bytearray(READ_AHEAD)
@@ -484,6 +514,7 @@ class FrameReader:
         """The next message, or None on a clean EOF between frames."""
         if not self._fill(PREFIX.size, at_boundary=True):
             return None
+        self.arrived = time.monotonic()
         magic, version, flags, header_len, body_len = PREFIX.unpack_from(self._buf, self._start)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a beamlet peer?)")
