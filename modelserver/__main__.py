@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from modelserver import config, serverlog, wire
+from modelserver import config, logformat, serverlog, wire
 from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL
 
@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="append the log to PATH (created 0600) instead of writing it to stderr",
     )
     serve.add_argument(
+        "--log-format",
+        type=logformat.parse_format,
+        default=logformat.default_format(),
+        metavar="{text,json}",
+        help=f"text lines, or one JSON object a line for log collectors (env {logformat.LOG_FORMAT_ENV}; "
+        "default text)",
+    )
+    serve.add_argument(
         "--log-queue",
         type=int,
         default=serverlog.DEFAULT_CAPACITY,
@@ -175,7 +183,9 @@ def _serve(args: argparse.Namespace) -> int:
     budget = _budget(args.memory_budget)
     # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
     # reads costs dropped records, never a blocked request or a server that cannot stop.
-    pump = serverlog.install(args.log_level.upper(), args.log_file, capacity=args.log_queue)
+    pump = serverlog.install(
+        args.log_level.upper(), args.log_file, capacity=args.log_queue, log_format=args.log_format
+    )
     try:
         return _run_server(args, budget)
     finally:
