@@ -15,8 +15,9 @@ def worker(
 ) -> None:
     """Build the handler (large_model when ``socket_path`` is given), warm it up, wait for
     every worker at ``barrier``, then make ``threads`` x ``calls`` one-element calls and
-    send back (calls made, start, end) on the machine-wide monotonic clock. ``width``:
-    the model is ``WideMLP(width, 4)`` (0: ``BenchMLP``)."""
+    send back (calls made, start, end, each call's latency in microseconds), start and end
+    on the machine-wide monotonic clock. ``width``: the model is ``WideMLP(width, 4)``
+    (0: ``BenchMLP``)."""
     from bench import common
     from bench.common import BenchMLP, WideMLP
     from client import PytorchModelHandlerTensor, RunInference
@@ -39,15 +40,20 @@ def worker(
         for x in xs[:20]:  # loads the model (here or in the server), warms the path
             list([x] | RunInference(handler))
         done = [0] * threads
+        latencies: list[list[float]] = [[] for _ in range(threads)]
 
         def work(t: int) -> None:
+            clock = time.perf_counter
             for x in xs:
+                t0 = clock()
                 (result,) = list([x] | RunInference(handler))
+                latencies[t].append((clock() - t0) * 1e6)
                 done[t] += result.inference.shape[0] == d_out
 
         barrier.wait(120)
         start = time.monotonic()
         common.run_threads(work, threads)
-        conn.send(("ok", (sum(done), start, time.monotonic())))
+        end = time.monotonic()
+        conn.send(("ok", (sum(done), start, end, [v for per in latencies for v in per])))
     except BaseException as exc:  # reported to the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

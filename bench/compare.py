@@ -22,7 +22,8 @@
                with the model in-process. Target >= 3x.
 
 Progress goes to stderr, the table to stdout, and every figure to
-``bench/results/compare-<time>.json``.
+``bench/results/compare-<time>.json``; beside it, the CDFs of the per-call latencies of
+2 and 5 (``bench.plots``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import psutil
 import torch
 
-from bench import common
+from bench import common, plots
 from bench.common import BenchMLP, WideMLP, median, percentile
 from bench.echo import EchoClient
 from client import PytorchModelHandlerTensor, RunInference
@@ -87,6 +88,8 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # per-call latencies (us) for the latency CDF plot, by panel and series; not in the JSON
+    latencies: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 # -- 1. throughput ---------------------------------------------------------------------------
@@ -306,6 +309,11 @@ def bench_roundtrip(args: argparse.Namespace, report: Report, progress: Progress
             "min_us": min(v),
         }
         for k, v in samples.items()
+    }
+    report.latencies["1-row round trip, Identity"] = {
+        "msgpack echo": samples["msgpack_echo"],
+        "Channel": samples["channel"],
+        "ServerClient": samples["serverclient"],
     }
     base = stats["msgpack_echo"]
     report.results["round_trip"] = {
@@ -548,13 +556,17 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
             common.save_state_dict(BenchMLP, {}, state)
         kinds = {"server": srv.path, "in_process": None}
         rates: dict[str, list[float]] = {k: [] for k in kinds}
+        latency: dict[str, list[float]] = {k: [] for k in kinds}
         load: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
         server_threads: list[int] = []
         for r in range(args.repeats):
             for name in list(kinds) if r % 2 == 0 else list(reversed(kinds)):
                 meter = common.LoadMeter().start()
-                total, seconds = _batch1_run(batch1.worker, state, kinds[name], procs, threads, calls, width)
+                total, seconds, calls_us = _batch1_run(
+                    batch1.worker, state, kinds[name], procs, threads, calls, width
+                )
                 load[name].append(meter.stop())
+                latency[name].extend(calls_us)
                 rates[name].append(total / seconds)
                 if name == "server":
                     server_threads.append(psutil.Process(srv.pid).num_threads())
@@ -573,12 +585,19 @@ def bench_batch1(args: argparse.Namespace, report: Report, progress: Progress) -
         "model": f"WideMLP({width}, 4)" if width else "BenchMLP",
         "calls_per_second": rates,
         "calls_per_second_median": rate,
+        "call_latency_us": {
+            k: {"median": median(v), "p99": percentile(v, 99), "max": max(v)} for k, v in latency.items()
+        },
         "ratio_server_over_in_process": ratio,
         "server_requests": m["requests"],
         "server_batches": m["batches"],
         "server_threads_after_each_run": server_threads,
         "other_load": load,
         "target": ">= 3",
+    }
+    report.latencies[f"batch-1 calls, {procs} workers x {threads} threads"] = {
+        "in-process": latency["in_process"],
+        "model server": latency["server"],
     }
     report.notes.append(_load_note("5", [x["foreign"] for runs in load.values() for x in runs]))
     report.rows.append(
@@ -613,9 +632,9 @@ def _batch1_run(
     threads: int,
     calls: int,
     width: int,
-) -> tuple[int, float]:
+) -> tuple[int, float, list[float]]:
     """One run: ``procs`` spawned workers start together; (calls made, seconds from the
-    first worker's start to the last one's end)."""
+    first worker's start to the last one's end, every call's latency in microseconds)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(procs)
     pipes, workers = [], []
@@ -638,10 +657,11 @@ def _batch1_run(
             if p.is_alive():
                 p.kill()
                 p.join()
-    total = sum(n for n, _, _ in got)
+    total = sum(n for n, _, _, _ in got)
     if total != procs * threads * calls:
         raise AssertionError(f"{total} of {procs * threads * calls} calls returned a 16-wide result")
-    return total, max(end for _, _, end in got) - min(start for _, start, _ in got)
+    seconds = max(end for _, _, end, _ in got) - min(start for _, start, _, _ in got)
+    return total, seconds, [us for *_, per_call in got for us in per_call]
 
 
 def _mib(n: float) -> str:
@@ -789,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = common.write_results(args.out, "compare", started, payload)
     print(f"\n{len(missed)} target(s) missed; took {elapsed:.0f}s; results in {os.path.relpath(out)}")
+    plots.latency_cdfs(report.latencies, out)
     return 0
 
 

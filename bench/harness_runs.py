@@ -1,6 +1,6 @@
 """Whole runs through the harness, as ratios to a raw torch loop on the same data.
 
-    python -m bench.harness_runs [--rows 20000] [--workers 1,2] [--threads 1,2,3,4] [--beam]
+    python -m bench.harness_runs [--rows 20000] [--workers 1,2] [--threads 1,2,3,4] [--beam] [--json PATH]
 
 The MLP of the first benchmark (512 -> 2048 -> 2048 -> 16, ReLU), batch 64, ``--rows``
 deterministic rows. For every combination of workers, threads and large_model on/off it
@@ -10,12 +10,14 @@ under ``torch.inference_mode`` in one process, same batches), and the peak RSS o
 whole process tree (harness, workers, model server), sampled every 20 ms. With
 ``--beam`` (Apache Beam installed: ``pip install -e '.[beam]'``) it also runs Beam's own
 ``RunInference(PytorchModelHandlerTensor)`` on the DirectRunner over the same data.
+
+The figures go to ``--json PATH`` (default ``bench/results/harness-runs-<time>.json``),
+and a plot of elements/s by workers x threads beside it (``bench.plots``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 
+from bench import common, plots
 from client import PytorchModelHandlerTensor
 from runtime import Collect, Create, Harness, Map, RunInference
 
@@ -143,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--beam", action="store_true", help="also run Apache Beam's RunInference (DirectRunner)"
     )
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="the JSON results file (default in bench/results)")
     args = parser.parse_args(argv)
+    started = time.time()
     torch.manual_seed(0)
     model = BenchMLP().eval()
     data = torch.randn(args.rows, 512, generator=torch.Generator().manual_seed(1))
@@ -191,11 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| Beam DirectRunner | - | - | {beam['elements_per_s']:,.0f} | {beam['ratio']:.2f} | "
               f"{beam['peak_tree_rss_mib']:,.0f} MiB |")  # fmt: skip
     print(f"\nraw torch loop: {raw:,.0f} elements/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"raw_elements_per_s": raw, "rows": rows, "beam": beam, "args": vars(args)}, f, indent=2
-            )
+    payload = {"raw_elements_per_s": raw, "rows": rows, "beam": beam, "args": vars(args)}
+    out = common.write_results(args.json, "harness-runs", started, payload)
+    print(f"results in {os.path.relpath(out)}")
+    plots.throughput_grid(rows, raw, out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Keyed trace: many models, a budget that holds about three, three ways to manage them.
 
-    python -m bench.keyed_trace [--requests 1500] [--budget-mib 160] [--seed 0]
+    python -m bench.keyed_trace [--requests 1500] [--budget-mib 160] [--seed 0] [--json PATH]
 
 Ten models of mixed sizes (10..100 MiB of weights, 440 MiB in all) are requested by a
 zipf-distributed trace (s=1.1, the popular models shuffled among the sizes). The same
@@ -13,13 +13,14 @@ trace runs three times, in this order, in one invocation:
          model fit the budget), no notion of their size
 
 Reported: hit ratio (requests served by a model already loaded), loads, peak RSS of the
-process that holds the models above its baseline, and requests per second.
+process that holds the models above its baseline, and requests per second. The figures
+go to ``--json PATH`` (default ``bench/results/keyed-trace-<time>.json``), and a plot
+of the hit ratio by policy beside it (``bench.plots``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -32,6 +33,8 @@ from typing import Any
 import psutil
 import torch
 
+from bench import plots
+from bench.common import write_results
 from client import KeyedModelHandler, KeyModelMapping, PytorchModelHandlerTensor, ServerClient
 from modelserver.channel import Channel
 from modelserver.errors import ServerUnavailable
@@ -199,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--budget-mib", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="the JSON results file (default in bench/results)")
     parser.add_argument(
         "--device", default="CPU", help="CPU, or a GPU (cuda:N): the budget is then that GPU's"
     )
     args = parser.parse_args(argv)
+    started = time.time()
     budget = args.budget_mib * MiB
     count = max(1, round(args.budget_mib / (sum(SIZES_MIB) / len(SIZES_MIB))))
     with tempfile.TemporaryDirectory(prefix="bl-trace-") as directory:
@@ -227,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for name, dev in r.get("gpu_status", {}).items():
             print(f"{r['way']}: {name} at the end: {dev}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    out = write_results(args.json, "keyed-trace", started, {"args": vars(args), "rows": rows})
+    print(f"results in {os.path.relpath(out)}")
+    title = (
+        f"Hit ratio by policy: {args.requests} zipf requests, {args.budget_mib} MiB budget over "
+        f"{sum(SIZES_MIB)} MiB" + (f" on {args.device}" if args.device != "CPU" else "")
+    )
+    plots.hit_ratios(rows, out, title)
     return 0
 
 

@@ -20,12 +20,14 @@ that completed outside any swap and of those that overlapped one, the longest ga
 between consecutive completed results while a swap ran, the swap times, and that every
 result after a swap came from the new version. Then ``--rss-swaps`` more swaps with no
 load, and the server's RSS after the first five and after the last (a leak grows it).
+
+The figures go to ``--json PATH`` (default ``bench/results/refresh-<time>.json``), and a
+plot of the server's RSS after each of those swaps beside it (``bench.plots``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -37,7 +39,16 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from bench.common import BenchMLP, LoadMeter, machine_info, model_server, percentile, private_dir
+from bench import plots
+from bench.common import (
+    BenchMLP,
+    LoadMeter,
+    machine_info,
+    model_server,
+    percentile,
+    private_dir,
+    write_results,
+)
 from client import PytorchModelHandlerTensor
 from client.serverclient import ServerClient
 
@@ -164,6 +175,7 @@ def summarise(
         "rss_after_5_mib": rss[4] / MiB if len(rss) > 4 else float("nan"),
         "rss_after_last_mib": rss[-1] / MiB if rss else float("nan"),
         "rss_swaps": len(rss),
+        "rss_mib": [round(x / MiB, 1) for x in rss],
         "foreign_cpu": load["foreign"],
     }
 
@@ -173,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rss-swaps", type=int, default=50)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="the JSON results file (default in bench/results)")
     args = parser.parse_args(argv)
+    started = time.time()
     rows = [
         run_budget("beside", ["--memory-budget", "none"], args.swaps, args.clients, args.rss_swaps),
         run_budget("drain-first", ["--memory-budget", "100MiB"], args.swaps, args.clients, args.rss_swaps),
@@ -197,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failures: {r['failures']}")
         if r["foreign_cpu"] > 0.05:
             print(f"  note: other processes used {r['foreign_cpu']:.0%} of the CPUs during this run")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": machine_info(), "rows": rows}, f, indent=2)
+    payload = {"args": vars(args), "machine": machine_info(), "rows": rows}
+    out = write_results(args.json, "refresh", started, payload)
+    print(f"results in {os.path.relpath(out)}")
+    plots.rss_over_swaps(
+        {f"{r['budget']} ({r['footprint_mib']:.0f} MiB model)": r["rss_mib"] for r in rows}, out
+    )
     return 0
 
 

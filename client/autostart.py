@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from modelserver import config
+from modelserver import config, logformat
 from modelserver.channel import Channel
 from modelserver.errors import ServerUnavailable
 from modelserver.startlock import FD_ENV, StartLock, lock_path
@@ -220,11 +220,14 @@ def server_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def open_log(path: str) -> int:
     """The server's log (``modelserver.log`` beside the socket, appended to, 0600), with a
-    line that says who is starting a server: a descriptor for its stdout and stderr."""
+    line that says who is starting a server (in the ``BEAMLET_LOG_FORMAT`` the server will
+    log in): a descriptor for its stdout and stderr."""
     fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"{stamp} INFO {log.name}[{os.getpid()}]: starting a model server for {path}\n".encode())
+        note = logformat.line(
+            logformat.default_format(), log.name, logging.INFO, f"starting a model server for {path}"
+        )
+        os.write(fd, (note + "\n").encode())
     except BaseException:
         os.close(fd)
         raise

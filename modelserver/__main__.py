@@ -1,4 +1,5 @@
-"""``python -m modelserver serve|status|stop``: run, inspect or stop the per-machine server."""
+"""``python -m modelserver serve|status|top|stop``: run, inspect, watch or stop the per-machine
+server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from modelserver import config, serverlog, wire
+from modelserver import config, logformat, serverlog, wire
 from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "top":
+        return _top(args)
     return _stop(args)
 
 
@@ -144,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="append the log to PATH (created 0600) instead of writing it to stderr",
     )
     serve.add_argument(
+        "--log-format",
+        type=logformat.parse_format,
+        default=logformat.default_format(),
+        metavar="{text,json}",
+        help=f"text lines, or one JSON object a line for log collectors (env {logformat.LOG_FORMAT_ENV}; "
+        "default text)",
+    )
+    serve.add_argument(
         "--log-queue",
         type=int,
         default=serverlog.DEFAULT_CAPACITY,
@@ -156,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(status)
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
+    top = sub.add_parser("top", help="a live view of the server's models and devices (q quits)")
+    _socket_arg(top)
+    top.add_argument(
+        "--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="refresh every (default 1)"
+    )
+    top.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long to wait for the server at each refresh before saying it is unavailable (default 2)",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one frame as plain text (two samples an interval apart)"
+    )
+
     stop = sub.add_parser("stop", help="ask the server to stop, and wait until it has")
     _socket_arg(stop)
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
@@ -166,6 +193,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
@@ -182,7 +216,9 @@ def _serve(args: argparse.Namespace) -> int:
     budget = _budget(args.memory_budget)
     # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
     # reads costs dropped records, never a blocked request or a server that cannot stop.
-    pump = serverlog.install(args.log_level.upper(), args.log_file, capacity=args.log_queue)
+    pump = serverlog.install(
+        args.log_level.upper(), args.log_file, capacity=args.log_queue, log_format=args.log_format
+    )
     try:
         return _run_server(args, budget)
     finally:
@@ -246,6 +282,24 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print(_render_status(status))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from modelserver import top
+    from modelserver.errors import ServerUnavailable
+
+    path = config.socket_path(args.socket)
+    try:
+        if args.once:
+            print("\n".join(top.once(path, args.interval, args.timeout)))
+        else:
+            top.watch(path, args.interval, args.timeout)
+    except ServerUnavailable as exc:
+        print(f"modelserver: no server at {path}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a live view ends too; curses has restored the terminal
     return 0
 
 

@@ -13,10 +13,15 @@ next write blocks. Two rules keep that from freezing the server:
   ``log_records_dropped``), and a line saying how many were lost is written once there is
   room again. Only the writer thread ever waits on the output, and nothing waits on it:
   stopping gives it a bounded time to drain, then leaves it behind.
+
+The writer formats each record as text or as a JSON line (``--log-format``,
+``modelserver.logformat``); a record's traceback travels beside its message, so a JSON
+line carries it as ``exc_info``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import logging.handlers
 import os
@@ -27,8 +32,10 @@ import time
 from types import TracebackType
 from typing import Any
 
+from modelserver import logformat
+
 DEFAULT_CAPACITY = 4096
-FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+FORMAT = logformat.TEXT_FORMAT
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | None
 
@@ -111,6 +118,19 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         super().__init__(q)
         self.dropped = 0
         self._unreported = 0
+        self._tracebacks = logging.Formatter()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """A copy that crosses to the writer thread: the message merged with its arguments
+        now (they may change), the traceback as text beside it (``exc_text``, which every
+        formatter appends or carries), no live exception or frame left on it."""
+        record = copy.copy(record)
+        record.message = record.getMessage()
+        record.msg, record.args = record.message, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._tracebacks.formatException(record.exc_info)
+        record.exc_info = None
+        return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
         # Called under the handler's own lock (Handler.handle), held only for a put_nowait.
@@ -141,6 +161,7 @@ class LogPump:
         level: int | str = logging.INFO,
         capacity: int = DEFAULT_CAPACITY,
         logger: logging.Logger | None = None,
+        formatter: logging.Formatter | None = None,
     ):
         if capacity < 1:
             raise ValueError(f"a log queue holds at least one record, not {capacity}")
@@ -149,7 +170,7 @@ class LogPump:
         self._queue: queue.Queue[Any] = queue.Queue(capacity)
         self.handler = _DroppingQueueHandler(self._queue)
         sink = FdHandler(fd)
-        sink.setFormatter(logging.Formatter(FORMAT))
+        sink.setFormatter(formatter or logging.Formatter(FORMAT))
         self._listener = logging.handlers.QueueListener(self._queue, sink)
         self._listener.start()
         thread = self._listener._thread  # noqa: SLF001 - to name it and to join it with a deadline
@@ -181,16 +202,20 @@ _installed: LogPump | None = None
 
 
 def install(
-    level: int | str = logging.INFO, log_file: str | None = None, *, capacity: int = DEFAULT_CAPACITY
+    level: int | str = logging.INFO,
+    log_file: str | None = None,
+    *,
+    capacity: int = DEFAULT_CAPACITY,
+    log_format: str = "text",
 ) -> LogPump:
     """Route this process's logging through a ``LogPump`` to stderr, or to ``log_file``
-    (appended to, created 0600). Python warnings and uncaught thread exceptions go
-    through it too, instead of straight to stderr."""
+    (appended to, created 0600), as text or JSON lines (``log_format``). Python warnings
+    and uncaught thread exceptions go through it too, instead of straight to stderr."""
     global _installed
     fd = 2
     if log_file:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    pump = LogPump(fd, level=level, capacity=capacity)
+    pump = LogPump(fd, level=level, capacity=capacity, formatter=logformat.formatter(log_format))
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
     _installed = pump

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 
+from modelserver import logformat
 from runtime import startup
 from runtime.errors import CannotStart, PipelineError
 from runtime.harness import Harness
@@ -121,11 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         "the pipeline itself, instead of forking them from this one",
     )
     run.add_argument("--log-level", default="WARNING")
+    run.add_argument(
+        "--log-format",
+        type=logformat.parse_format,
+        default=logformat.default_format(),
+        metavar="{text,json}",
+        help="text lines, or one JSON object a line, for this process, its workers and a model "
+        f"server it starts (env {logformat.LOG_FORMAT_ENV}; default text)",
+    )
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    logformat.basic_config(args.log_level.upper(), args.log_format)
+    # The workers (forked ones inherit the handler; exec'd ones read it) and the model
+    # server this run starts log the way this process does.
+    os.environ[logformat.LOG_FORMAT_ENV] = args.log_format
     startup.step("harness import", imported, "process start to main")
     began = time.monotonic()
     threads = thread_count()

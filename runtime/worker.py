@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from client import refresh
+from modelserver import logformat
 from runtime import computethreads, rows
 from runtime.computethreads import ComputeThreads
 from runtime.control import (
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-format", type=logformat.parse_format, default=logformat.default_format())
     parser.add_argument(
         "--intra-op-threads",
         type=int,
@@ -238,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # whoever started us decides when we stop
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    logformat.basic_config(args.log_level.upper(), args.log_format)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(args.control)
