@@ -3,8 +3,8 @@
 Each function takes the figures a command already has, draws one plot with matplotlib
 (the ``dev`` extra; the Agg backend, so no display is needed) and saves it as
 ``<json stem>-<name>.png`` beside the JSON result. When that JSON is in
-``bench/results/`` the plot is also saved as ``bench/results/<name>.png``, the current
-one, which docs/benchmarks.md shows. matplotlib is imported only here and only when a
+``bench/results/`` (the default) the plot is also saved as ``docs/plots/<name>.png``, the
+current one, which docs/benchmarks.md shows and git keeps (bench/results is ignored). matplotlib is imported only here and only when a
 plot is drawn: without it a command prints a note and writes its JSON as before.
 
 The plots are small (80 dpi) and plain: one figure per question the docs ask.
@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR
 
+PLOTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plots")
 DPI = 80
 SIZE = (7.0, 4.2)  # inches: 560 x 336 pixels at 80 dpi
 
@@ -38,11 +39,12 @@ def _pyplot() -> Any:
 
 def _save(plt: Any, fig: Any, json_path: str, name: str) -> list[str]:
     """Save ``fig`` beside ``json_path`` (and as the current ``name`` plot when the JSON
-    is in bench/results); the paths written."""
+    is in bench/results: docs/plots/<name>.png); the paths written."""
     stem = os.path.splitext(json_path)[0]
     paths = [f"{stem}-{name}.png"]
     if os.path.dirname(os.path.abspath(json_path)) == os.path.abspath(RESULTS_DIR):
-        paths.append(os.path.join(RESULTS_DIR, f"{name}.png"))
+        os.makedirs(PLOTS_DIR, exist_ok=True)
+        paths.append(os.path.join(PLOTS_DIR, f"{name}.png"))
     fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=DPI)
