@@ -1,0 +1,175 @@
+"""What recording metrics costs: bench.compare benchmark 1 through a model server that
+records (the default: stage times in every reply, per-model histograms, the Prometheus
+endpoint scraped once a second) against one started with ``--no-metrics``, side by side.
+
+    python -m bench.metrics_cost [--rows N] [--repeats N] [--scrape-interval S]
+
+Both servers run for the whole benchmark and hold the same model (MLP 512-2048-2048-16,
+batches of 64, ``large_model=True``). Each repeat times RunInference over ``rows`` and
+over ``2 x rows`` elements through each server, in a rotating order; the steady rate is
+``rows / (t(2 x rows) - t(rows))``, so start-up (registering the model, the first batch)
+drops out. The figure is the median over repeats of the paired ratio on/off (goal:
+recording costs under 1%, a ratio of at least 0.99), with the share of the CPUs other
+processes took during each timed run. The JSON goes to
+``bench/results/metrics_cost-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from bench import common
+from bench.common import BenchMLP, median
+from client import PytorchModelHandlerTensor, RunInference
+
+GOAL = 0.99
+
+
+def _log(started: float, message: str) -> None:
+    print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _scraper(channel: Any, interval: float) -> Iterator[list[int]]:
+    """Scrape the server's /metrics every ``interval`` seconds while the block runs, as
+    Prometheus would; yields the list of scrape sizes (bytes)."""
+    address = channel.request({"op": "status"})["status"].get("metrics_address")
+    sizes: list[int] = []
+    if not address:
+        yield sizes
+        return
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(interval):
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+                sizes.append(len(reply.read()))
+
+    thread = threading.Thread(target=scrape, name="scraper", daemon=True)
+    thread.start()
+    try:
+        yield sizes
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=10_000, help="the smaller input (the larger is twice it)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats")
+    p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes of /metrics")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/metrics_cost-<time>.json)")
+    args = p.parse_args(argv)
+    started, wall = time.monotonic(), time.time()
+    b, n = args.batch, args.rows
+    data = list(common.make_rows(2 * n, 512, seed=0).unbind(0))
+    servers = {
+        "on": ("--metrics-address", "127.0.0.1:0"),
+        "off": ("--no-metrics",),
+    }
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(common.private_dir())
+        state = os.path.join(directory, "mlp.pt")
+        common.save_state_dict(BenchMLP, {}, state)
+        handlers = {}
+        channels = {}
+        for name, server_args in servers.items():
+            srv = stack.enter_context(common.model_server(*server_args))
+            channels[name] = stack.enter_context(srv.channel())
+            handlers[name] = PytorchModelHandlerTensor(
+                state,
+                BenchMLP,
+                {},
+                "CPU",
+                min_batch_size=b,
+                max_batch_size=b,
+                large_model=True,
+                socket_path=srv.path,
+            )
+        _log(
+            started,
+            f"warm-up: {n} rows through each server (batch {b}, torch threads {torch.get_num_threads()})",
+        )
+        for name, handler in handlers.items():
+            got = list(data[:n] | RunInference(handler))
+            if len(got) != n:
+                raise AssertionError(f"{name}: {len(got)} results for {n} rows")
+        scrapes = stack.enter_context(_scraper(channels["on"], args.scrape_interval))
+        seconds: dict[str, dict[int, list[float]]] = {k: {n: [], 2 * n: []} for k in servers}
+        foreign: dict[str, list[float]] = {k: [] for k in servers}
+        names = list(servers)
+        for r in range(args.repeats):
+            for name in names[r % 2 :] + names[: r % 2]:
+                for size in (n, 2 * n):
+                    meter = common.LoadMeter().start()
+                    t0 = time.perf_counter()
+                    got = sum(1 for _ in data[:size] | RunInference(handlers[name]))
+                    dt = time.perf_counter() - t0
+                    foreign[name].append(meter.stop()["foreign"])
+                    if got != size:
+                        raise AssertionError(f"{name}: {got} results for {size} rows")
+                    seconds[name][size].append(dt)
+                steady = n / max(seconds[name][2 * n][-1] - seconds[name][n][-1], 1e-9)
+                _log(
+                    started,
+                    f"repeat {r + 1}/{args.repeats} metrics {name:<3} steady {steady:>8,.0f} el/s "
+                    f"(other load {foreign[name][-1]:.0%})",
+                )
+        status = {k: ch.request({"op": "status"})["status"] for k, ch in channels.items()}
+
+    steady = {
+        k: [n / max(big - small, 1e-9) for small, big in zip(v[n], v[2 * n])] for k, v in seconds.items()
+    }
+    paired = [on / off for on, off in zip(steady["on"], steady["off"])]
+    ratio = median(paired)
+    startup = {k: median([2 * small - big for small, big in zip(v[n], v[2 * n])]) for k, v in seconds.items()}
+    recorded = sum(
+        m.get("histograms", {}).get("batch_size", {}).get("count", 0) for m in status["on"].get("models", [])
+    )
+    result = {
+        "rows": [n, 2 * n],
+        "batch": b,
+        "repeats": args.repeats,
+        "seconds": seconds,
+        "steady_elements_per_second": steady,
+        "steady_median": {k: median(v) for k, v in steady.items()},
+        "paired_ratio_on_over_off": paired,
+        "ratio_median": ratio,
+        "cost_percent": round((1 - ratio) * 100, 2),
+        "startup_seconds_median": startup,
+        "other_load": foreign,
+        "scrapes": len(scrapes),
+        "scrape_bytes_median": median([float(s) for s in scrapes]) if scrapes else 0,
+        "batches_recorded_on": recorded,
+        "goal": f"ratio >= {GOAL}",
+    }
+    path = common.write_results(args.out, "metrics_cost", wall, {"machine": common.machine_info(), **result})
+    med = result["steady_median"]
+    print(
+        f"steady el/s: metrics on {med['on']:,.0f}, off {med['off']:,.0f}; "
+        f"paired ratio on/off median {ratio:.4f} (cost {result['cost_percent']:+.2f}%, goal under 1%: "
+        f"{'met' if ratio >= GOAL else 'missed'}); spread of ratios {min(paired):.3f}-{max(paired):.3f}"
+    )
+    print(
+        f"start-up: on {startup['on'] * 1e3:.1f} ms, off {startup['off'] * 1e3:.1f} ms; "
+        f"{len(scrapes)} scrapes of /metrics ({result['scrape_bytes_median']:,.0f} bytes each); "
+        f"other processes took up to {max(max(v) for v in foreign.values()):.0%} of the CPUs"
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
