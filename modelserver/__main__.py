@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Any
 
-from modelserver import config, serverlog, wire
+from modelserver import config, exposition, serverlog, wire
 from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL
+from modelserver.exposition import MetricsEndpoint, MetricsError
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
 DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a heartbeat to a client with requests in flight after this long with nothing "
         f"sent to it, so its request deadline catches only a stopped server (default {HEARTBEAT_INTERVAL:g}; 0: none)",
     )
+    exposition.add_arguments(serve)
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     serve.add_argument(
         "--log-file",
@@ -173,16 +175,21 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     budget = _budget(args.memory_budget)
+    try:
+        metrics = exposition.from_arguments(args)
+    except MetricsError as exc:
+        print(f"modelserver: {exc}", file=sys.stderr)
+        return 2
     # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
     # reads costs dropped records, never a blocked request or a server that cannot stop.
     pump = serverlog.install(args.log_level.upper(), args.log_file, capacity=args.log_queue)
     try:
-        return _run_server(args, budget)
+        return _run_server(args, budget, metrics)
     finally:
         pump.close(timeout=2.0)
 
 
-def _run_server(args: argparse.Namespace, budget: int | None) -> int:
+def _run_server(args: argparse.Namespace, budget: int | None, metrics: MetricsEndpoint | None) -> int:
     from modelserver.server import EXIT_ALREADY_RUNNING, AlreadyRunning, ModelServer
 
     server = ModelServer(
@@ -198,13 +205,14 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         load_wait=args.load_wait,
         policy=args.eviction_policy,
         min_free_bytes=args.min_free_memory,
+        metrics=metrics,
     )
     try:
         server.bind()
     except AlreadyRunning as exc:
         print(f"modelserver: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
-    except PermissionError as exc:
+    except (PermissionError, MetricsError) as exc:
         print(f"modelserver: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
@@ -268,6 +276,8 @@ def _render_status(s: dict[str, Any]) -> str:
         f"of budget {budget}",
         f"  {s['connections']} connections from pids {s['client_pids']}, {s['requests']} requests",
     ]
+    if s.get("metrics_address"):
+        lines.append(f"  Prometheus metrics on http://{s['metrics_address']}/metrics")
     models = s.get("models", [])
     if not models:
         lines.append("  no models registered")
