@@ -58,6 +58,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return found[0]
 
 
+def eventually(read, want: float, what: str, timeout: float = 20.0) -> None:
+    """Until ``read()`` gives ``want`` (a gauge the server updates on another thread)."""
+    deadline = time.monotonic() + timeout
+    while (got := read()) != want:
+        assert time.monotonic() < deadline, f"{what}: {got}, expected {want}"
+        time.sleep(0.01)
+
+
 # -- the model server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -120,7 +128,8 @@ def test_server_counters_match_the_requests_made(metrics_server, workdir):
     assert value(m, "beamlet_device_used_bytes", device="cpu") == cpu["used"] >= entry["footprint"]
     assert value(m, "beamlet_device_available_bytes", device="cpu") > 0
     assert value(m, "beamlet_server_rejected_peers_total") == 0
-    assert value(m, "beamlet_server_connections") == 0  # the channel above is closed
+    url = server_url(metrics_server)
+    eventually(lambda: value(scrape(url), "beamlet_server_connections"), 0, "connections once all closed")
     assert value(m, "beamlet_server_requests_total") >= len(sizes) + 3
     assert value(m, "process_resident_memory_bytes") > 0
     # the server's stage histograms, once status carries them: one per batch
@@ -164,7 +173,7 @@ def test_overload_refusals_are_counted_per_model_and_server_wide(metrics_server,
         assert value(m, "beamlet_model_queued_rows", **model) == 4
         assert value(m, "beamlet_model_queued_requests", **model) == 1
         assert value(m, "beamlet_server_overloaded_total") == before + 1
-        assert value(m, "beamlet_server_connections") == 2
+        eventually(lambda: value(scrape(url), "beamlet_server_connections"), 2, "the two open connections")
     finally:
         open(gate, "w").close()
         held.join(30)
