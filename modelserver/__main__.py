@@ -9,9 +9,10 @@ import os
 import sys
 from typing import Any
 
-from modelserver import config, logformat, serverlog, wire
+from modelserver import config, exposition, logformat, serverlog, wire
 from modelserver.batcher import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS, QueueLimits
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL
+from modelserver.exposition import MetricsEndpoint, MetricsError
 
 BUDGET_ENV = "BEAMLET_MEMORY_BUDGET"
 DEFAULT_BUDGET_SHARE = 0.7  # of the RAM available at start, when no budget is given
@@ -134,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-metrics",
-        dest="metrics",
+        dest="record_metrics",
         action="store_false",
         help="record no stage times (replies carry no 'stages') and no per-model histograms "
         "(default: both recorded; they cost a few clock reads per request)",
     )
+    exposition.add_arguments(serve)
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     serve.add_argument(
         "--log-file",
@@ -214,18 +216,23 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     budget = _budget(args.memory_budget)
+    try:
+        metrics = exposition.from_arguments(args)
+    except MetricsError as exc:
+        print(f"modelserver: {exc}", file=sys.stderr)
+        return 2
     # Every record goes through a bounded queue to a writer thread: a stderr pipe nobody
     # reads costs dropped records, never a blocked request or a server that cannot stop.
     pump = serverlog.install(
         args.log_level.upper(), args.log_file, capacity=args.log_queue, log_format=args.log_format
     )
     try:
-        return _run_server(args, budget)
+        return _run_server(args, budget, metrics)
     finally:
         pump.close(timeout=2.0)
 
 
-def _run_server(args: argparse.Namespace, budget: int | None) -> int:
+def _run_server(args: argparse.Namespace, budget: int | None, metrics: MetricsEndpoint | None) -> int:
     from modelserver.server import EXIT_ALREADY_RUNNING, AlreadyRunning, ModelServer
 
     server = ModelServer(
@@ -235,20 +242,21 @@ def _run_server(args: argparse.Namespace, budget: int | None) -> int:
         idle_timeout=args.idle_timeout,
         max_reply_backlog=args.max_reply_backlog,
         heartbeat=args.heartbeat,
-        metrics=args.metrics,
+        record_metrics=args.record_metrics,
         limits=QueueLimits(args.max_queue_rows, args.max_queue_bytes),
         deterministic=args.deterministic,
         gpu_fraction=args.gpu_memory_fraction,
         load_wait=args.load_wait,
         policy=args.eviction_policy,
         min_free_bytes=args.min_free_memory,
+        metrics=metrics,
     )
     try:
         server.bind()
     except AlreadyRunning as exc:
         print(f"modelserver: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
-    except PermissionError as exc:
+    except (PermissionError, MetricsError) as exc:
         print(f"modelserver: {exc}", file=sys.stderr)
         return 2
     server.install_signal_handlers()
@@ -330,6 +338,8 @@ def _render_status(s: dict[str, Any]) -> str:
         f"of budget {budget}",
         f"  {s['connections']} connections from pids {s['client_pids']}, {s['requests']} requests",
     ]
+    if s.get("metrics_address"):
+        lines.append(f"  Prometheus metrics on http://{s['metrics_address']}/metrics")
     models = s.get("models", [])
     if not models:
         lines.append("  no models registered")

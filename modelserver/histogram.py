@@ -41,13 +41,16 @@ class Histogram:
     min: float = 0
     max: float = 0
 
-    def record(self, value: float) -> None:
+    def record(self, value: float, n: int = 1) -> None:
+        """Record ``value`` ``n`` times (a bundle's latency, once per element in it)."""
+        if n <= 0:
+            return
         b = bucket_of(value)
-        self.counts[b] = self.counts.get(b, 0) + 1
+        self.counts[b] = self.counts.get(b, 0) + n
         self.min = value if self.count == 0 else min(self.min, value)
         self.max = value if self.count == 0 else max(self.max, value)
-        self.count += 1
-        self.total += value
+        self.count += n
+        self.total += value * n
 
     def merge(self, other: Histogram) -> None:
         if not other.count:

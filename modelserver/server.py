@@ -30,7 +30,8 @@ import psutil
 from modelserver import config, loaders, memory, protocol, serverlog, wire
 from modelserver.batcher import Compute, Work
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL, Connection
-from modelserver.errors import BadRequest, BeamletError, InternalError
+from modelserver.errors import BadRequest, BeamletError, InternalError, Overloaded
+from modelserver.exposition import MetricsEndpoint
 from modelserver.manager import ModelManager
 from modelserver.startlock import StartLock, lock_path
 
@@ -55,14 +56,17 @@ class ModelServer:
         idle_timeout: float | None = None,
         max_reply_backlog: int = DEFAULT_MAX_BACKLOG,
         heartbeat: float = HEARTBEAT_INTERVAL,
-        metrics: bool = True,
+        record_metrics: bool = True,
+        metrics: MetricsEndpoint | None = None,
         **manager_options: Any,
     ):
         """``memory_budget``: host bytes for models (None: no limit). ``max_reply_backlog``:
         reply bytes a client may leave unread before its connection stops reading requests.
         ``heartbeat``: seconds of silence after which a connection with requests in flight
-        gets a heartbeat (0: none). ``metrics``: record each request's stage times (sent
-        with its reply) and each model's histograms (False: ``serve --no-metrics``).
+        gets a heartbeat (0: none). ``record_metrics``: record each request's stage times
+        (sent with its reply) and each model's histograms (False: ``serve --no-metrics``).
+        ``metrics``: a Prometheus endpoint to serve while the server is bound
+        (``modelserver.metrics``).
         ``manager_options`` go to ModelManager (gpu_fraction, load_wait, policy,
         min_free_bytes, limits, deterministic)."""
         self.socket_path = config.socket_path(socket_path)
@@ -70,7 +74,7 @@ class ModelServer:
         self.max_reply_backlog = max_reply_backlog
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
-        self.metrics = metrics
+        self.record_metrics = record_metrics
         memory.fix_mmap_threshold()
         self.manager = ModelManager(memory_budget, **manager_options)
         self.started = time.time()
@@ -83,7 +87,10 @@ class ModelServer:
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.metrics = metrics
+        self._counts_lock = threading.Lock()  # the counters below: reader threads add to them
         self._requests = 0
+        self._overloaded = 0
         self._rejected_peers = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -112,6 +119,15 @@ class ModelServer:
         except BaseException:
             self._release()
             raise
+        if self.metrics is not None:
+            from modelserver.metrics import ServerCollector
+
+            try:
+                self.metrics.start(ServerCollector(self.status))
+            except BaseException:
+                self._unbind()
+                self._release()
+                raise
         log.info(
             "model server pid %d listening on %s (budget %s)",
             os.getpid(),
@@ -202,13 +218,9 @@ class ModelServer:
 
     def _shutdown(self) -> None:
         log.info("stopping: closing the listener and %d connections", len(self._connections))
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        self._unbind()
+        if self.metrics is not None:
+            self.metrics.stop()
         with self._conn_lock:
             conns = list(self._connections)
         for conn in conns:
@@ -217,6 +229,16 @@ class ModelServer:
         self._release()
         self._stopped.set()
         log.info("model server stopped")
+
+    def _unbind(self) -> None:
+        """Close the listener and remove the socket file."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
 
     def _release(self) -> None:
         if self._start_lock is not None:
@@ -272,7 +294,8 @@ class ModelServer:
     # -- requests --------------------------------------------------------------------
     def _dispatch(self, conn: Connection, message: Any) -> None:
         """Handle one request on the connection's reader thread, never waiting on a model."""
-        self._requests += 1
+        with self._counts_lock:
+            self._requests += 1
         try:
             request = protocol.parse_request(message)
         except BadRequest as exc:
@@ -300,6 +323,9 @@ class ModelServer:
                 conn.send(protocol.ok_reply(request.id))
                 self.stop()
         except BeamletError as exc:
+            if isinstance(exc, Overloaded):
+                with self._counts_lock:
+                    self._overloaded += 1
             conn.send(protocol.error_reply(request.id, exc))
         except Exception as exc:
             log.exception("request %r failed", message.get("op"))
@@ -325,7 +351,7 @@ class ModelServer:
             conn.send(message, stages={"queue": queue, "assemble": assemble, "forward": forward})
 
         work = Work(
-            request.inputs, request.kwargs, reply, request.method, caller=id(conn), timed=self.metrics
+            request.inputs, request.kwargs, reply, request.method, caller=id(conn), timed=self.record_metrics
         )
         this.append(weakref.ref(work))
         self.manager.submit(request.key, work)  # queues, runs now, or waits for a reload: never loads here
@@ -385,7 +411,7 @@ class ModelServer:
             "devices": self.manager.devices(),
             "max_frame_bytes": self.max_frame_bytes,
             "deterministic": self.manager.deterministic,
-            "metrics": self.metrics,
+            "metrics": self.record_metrics,
             "max_queue_rows": limits.rows,
             "max_queue_bytes": limits.nbytes,
             "max_reply_backlog": self.max_reply_backlog,
@@ -395,7 +421,9 @@ class ModelServer:
             "connections": len(conns),
             "client_pids": clients,
             "requests": self._requests,
+            "overloaded": self._overloaded,
             "rejected_peers": self._rejected_peers,
+            "metrics_address": self.metrics.address if self.metrics is not None else None,
             "log_records_dropped": serverlog.dropped(),
             "models": self.manager.status(),
         }

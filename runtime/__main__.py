@@ -12,7 +12,8 @@ letters, if any, are written beside the output as ``<output>.dead_letters.jsonl`
 ``--watch-model PATTERN`` swaps in new model versions while the job runs (docs/refresh.md).
 ``--deterministic``: the same input gives bitwise the same output in every run.
 ``--accelerator SPEC`` and ``--min-ram SIZE`` set Beam's resource hints on every
-RunInference step. The input, the output and the machine (against every step's resource
+RunInference step. ``--metrics-address HOST:PORT`` serves the run's Prometheus metrics
+while it runs (runtime/metrics.py). The input, the output and the machine (against every step's resource
 hints) are checked before any process starts.
 """
 
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 
-from modelserver import logformat
+from modelserver import exposition, logformat
 from runtime import startup
 from runtime.errors import CannotStart, PipelineError
 from runtime.harness import Harness
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         help="resource hint for every RunInference step (e.g. 8GiB): the run starts only on a "
         "machine with at least this much RAM",
     )
+    exposition.add_arguments(run)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         f"server it starts (env {logformat.LOG_FORMAT_ENV}; default text)",
     )
     args = parser.parse_args(argv)
+    try:  # checked before anything starts; served while the run runs
+        metrics = exposition.from_arguments(args, announce=_announce_metrics)
+    except exposition.MetricsError as exc:
+        print(f"runtime: {exc}", file=sys.stderr)
+        return 2
 
     logformat.basic_config(args.log_level.upper(), args.log_format)
     # The workers (forked ones inherit the handler; exec'd ones read it) and the model
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_args=(args.input, args.output),
         deterministic=args.deterministic,
         checkpoint=args.checkpoint,
+        metrics=metrics,
     )
     try:
         summary = harness.run(pipeline)
@@ -207,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if summary.interrupted:
         return 128 + int(signal.Signals[summary.interrupted])
     return 0
+
+
+def _announce_metrics(url: str) -> None:
+    print(f"runtime: metrics on {url}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import numpy as np
 from client import refresh
 from client.inference import InferenceMetrics
 from modelserver import config
+from modelserver.exposition import MetricsEndpoint, MetricsError
 from runtime import computethreads, devices, rows, startup
 from runtime.checkpoint import Checkpoint
 from runtime.control import EXIT_BOOT_FAILED, ControlChannel, ControlListener
@@ -98,6 +99,8 @@ class Harness:
     pipeline themselves. A worker whose models all live in the model server computes with
     one torch thread; others share this process's torch threads (runtime/computethreads.py).
 
+    ``metrics``: a Prometheus endpoint each run serves while it runs (runtime/metrics.py).
+
     ``deterministic=True``: the same input gives bitwise the same output in every run.
     Bundles are cut by count (as always), and every process the run starts (its workers,
     the model server it starts) gets ``BEAMLET_DETERMINISTIC=1``: the server then merges
@@ -124,6 +127,7 @@ class Harness:
         pipeline_args: tuple[str | None, str | None] = (None, None),
         deterministic: bool = False,
         checkpoint: str | None = None,
+        metrics: MetricsEndpoint | None = None,
     ):
         if workers < 1 or threads < 1 or bundle_size < 1:
             raise ValueError("workers, threads and bundle_size must be at least 1")
@@ -145,6 +149,7 @@ class Harness:
         self.pipeline_args = pipeline_args
         self.deterministic = deterministic
         self.checkpoint = checkpoint
+        self.metrics = metrics
         self._stop_signal: int | None = None
         self.current: _Run | None = None
         self._open = False  # inside `with`: the workers outlive a process() call
@@ -309,6 +314,7 @@ class _Run:
         self._latency_shown = 0.0
         self.checkpoint: Checkpoint | None = None
         self.metrics: dict[str, InferenceMetrics] = {}
+        self.stats_lock = threading.Lock()  # metrics, commits' counts: the loop adds, scrapes copy
         self.failure: PipelineError | None = None
         self.restarts = 0
         self.env: dict[str, str] = {config.DETERMINISTIC_ENV: "1"} if harness.deterministic else {}
@@ -348,6 +354,7 @@ class _Run:
             if self.h.pipeline_ref is None:
                 # First: before this run starts a thread or opens a socket or a file.
                 self.zygote = self.pool.zygote = Zygote(self.worker_steps)
+            self._serve_metrics()
             self.run_dir = tempfile.mkdtemp(prefix="beamlet-run-")
             os.chmod(self.run_dir, 0o700)
             self.pool.control_path = os.path.join(self.run_dir, "control.sock")
@@ -403,6 +410,8 @@ class _Run:
                     log.warning("closing the source failed", exc_info=True)
         finally:
             self.h.current = None
+            if self.h.metrics is not None:
+                self.h.metrics.stop()
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
@@ -417,6 +426,17 @@ class _Run:
         if self.h._stop_signal is not None and (not completed or self.summary.unbounded):
             self.summary.interrupted = signal.Signals(self.h._stop_signal).name
         return self.summary
+
+    def _serve_metrics(self) -> None:
+        """Serve the run's Prometheus metrics (after the zygote: a thread of its own)."""
+        if self.h.metrics is None:
+            return
+        from runtime.metrics import RunCollector
+
+        try:
+            self.h.metrics.start(RunCollector(self))
+        except MetricsError as exc:
+            raise CannotStart(str(exc)) from None
 
     def _fail(self, message: str) -> None:
         if self.failure is None:  # the first reason is the one to report
@@ -647,8 +667,12 @@ class _Run:
         dead = list(message.get("dead_letters") or [])
         if not self.ledger.complete(slot.worker_id, index, message.get("attempt"), outputs, dead):
             return  # a superseded attempt
-        for label, data in (message.get("metrics") or {}).items():
-            self.metrics.setdefault(label, InferenceMetrics()).merge(InferenceMetrics.from_wire(data))
+        bundle_metrics = [
+            (k, InferenceMetrics.from_wire(v)) for k, v in (message.get("metrics") or {}).items()
+        ]
+        with self.stats_lock:
+            for label, m in bundle_metrics:
+                self.metrics.setdefault(label, InferenceMetrics()).merge(m)
         self.commit()
 
     def _bundle_failed(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
@@ -669,11 +693,12 @@ class _Run:
                 outputs, more = self.harness_steps.process(outputs, arrived)
                 dead = dead + more
             self.sink.commit(outputs, dead, [ack] if ack is not None else [], self.pipeline.source)
-            self.summary.outputs += len(outputs)
-            self.summary.add_dead_letters(dead)
-            self.summary.bundles += 1
-            if arrived is not None:
-                self.summary.latency.add(time.time() - arrived, len(outputs) + len(dead))
+            with self.stats_lock:  # a metrics scrape sees whole bundles
+                self.summary.outputs += len(outputs)
+                self.summary.add_dead_letters(dead)
+                self.summary.bundles += 1
+                if arrived is not None:
+                    self.summary.latency.add(time.time() - arrived, len(outputs) + len(dead))
             if self.checkpoint is not None:
                 self.checkpoint.record(self.summary.resumed_bundles + self.summary.bundles)
             if self.summary.bundles == 1:

@@ -2,48 +2,40 @@
 
 Its size does not grow with the run's length: dead letters are counted, and only the
 first ``DEAD_LETTER_SAMPLE`` are kept here (all of them went to the sink as they were
-committed); per-model metrics are the summaries ``InferenceMetrics.named()`` gives."""
+committed); latency and per-model metrics are fixed-bucket histograms, summarised
+(``InferenceMetrics.named()``)."""
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.inference import InferenceMetrics
+from modelserver.histogram import Histogram
 
 DEAD_LETTER_SAMPLE = 100
-LATENCY_WINDOW = 10_000  # bundles whose latency the percentiles are taken over (the latest)
 
 
 class Latency:
-    """End-to-end latency, arrival at the source to commit, over the latest
-    ``LATENCY_WINDOW`` bundles: each bundle counts once per element, at the latency of
-    its first element (the one that waited longest)."""
+    """End-to-end latency, arrival at the source to commit, of every committed bundle of
+    the run: each bundle counts once per element, at the latency of its first element (the
+    one that waited longest). Kept in a fixed-bucket ``Histogram`` of microseconds, so its
+    memory stays the same whatever the run's length; percentiles are to its buckets'
+    precision (19%), and never outside the recorded min and max. Not thread-safe: the
+    harness's loop records, and a metrics scrape reads under the run's ``stats_lock``."""
 
-    def __init__(self, window: int = LATENCY_WINDOW) -> None:
-        self._samples: deque[tuple[float, int]] = deque(maxlen=window)
+    def __init__(self) -> None:
+        self.histogram = Histogram()  # microseconds
 
     def add(self, seconds: float, elements: int) -> None:
-        if elements > 0:
-            self._samples.append((max(0.0, seconds), elements))
+        self.histogram.record(max(0.0, seconds) * 1e6, elements)
 
     def __bool__(self) -> bool:
-        return bool(self._samples)
+        return self.histogram.count > 0
 
     def percentile(self, q: float) -> float:
         """The ``q``-th percentile (0-100) in seconds; 0.0 with no samples."""
-        if not self._samples:
-            return 0.0
-        ordered = sorted(self._samples)
-        total = sum(n for _, n in ordered)
-        rank = q / 100 * total
-        seen = 0
-        for seconds, n in ordered:
-            seen += n
-            if seen >= rank:
-                return seconds
-        return ordered[-1][0]
+        return self.histogram.percentile(q) / 1e6
 
     def to_dict(self) -> dict[str, float]:
         return {
