@@ -335,7 +335,9 @@ class _PytorchHandler(ModelHandler[Any, PredictionResult, Any]):
         return self._key
 
     def cache_slot(self) -> str:
-        return f"{self._key}:{int(self._large_model)}"
+        # A large model is one per server: the same model through two sockets is two.
+        where = f":{self._socket_path or ''}" if self._large_model else ""
+        return f"{self._key}:{int(self._large_model)}{where}"
 
     def cache_key(self) -> str:
         # Read every batch: built from the version alone (everything else in the spec is

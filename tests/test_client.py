@@ -25,7 +25,7 @@ from client import (
 from modelserver import userclass
 from modelserver.errors import ModelLoadError
 from tests import workers
-from tests.conftest import server_env, server_processes
+from tests.conftest import server_env, server_processes, start_server
 from tests.models import MLP, TwoInputs, make_checkpoint
 
 
@@ -68,6 +68,27 @@ def test_large_model_gives_identical_results_via_an_auto_started_server(ckpt, so
     with ServerClient(sock_path, autostart=False) as c:
         (m,) = c.status()["models"]
         assert m["rows"] == 100 and m["model_id"] == path
+
+
+def test_one_model_through_two_servers_reaches_each_server(ckpt, private_dir):
+    """Two handlers for the same model, each naming its own server's socket, are two
+    models in this process: each handler's requests go to its own server."""
+    _, path = ckpt
+    servers = [start_server(os.path.join(private_dir, f"s{i}.sock")) for i in range(2)]
+    try:
+        xs = examples(32)
+        for i, srv in enumerate(servers):
+            handler = PytorchModelHandlerTensor(
+                path, MLP, {}, max_batch_size=8, min_batch_size=8, large_model=True, socket_path=srv.path
+            )
+            assert len(list(xs[: 8 * (i + 1)] | RunInference(handler))) == 8 * (i + 1)
+        for i, srv in enumerate(servers):
+            with ServerClient(srv.path, autostart=False) as c:
+                (m,) = c.status()["models"]
+                assert m["rows"] == 8 * (i + 1), f"server {i} ran {m['rows']} rows"
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_model_is_loaded_once_per_process_and_shared_by_threads(ckpt):
