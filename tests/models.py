@@ -33,16 +33,22 @@ class TwoInputs(nn.Module):
 
 class Gate(nn.Module):
     """Holds each batch until the file ``gate`` exists: lets a test keep a request in
-    flight for as long as it needs, without sleeping in the test itself."""
+    flight for as long as it needs, without sleeping in the test itself. ``entered``: a
+    file that gets a line each time a batch enters the forward pass (a test waits on it to
+    know a batch is held, not merely taken off the queue and still gathering)."""
 
-    def __init__(self, gate: str, limit: float = 30.0, d: int = 0):
+    def __init__(self, gate: str, limit: float = 30.0, d: int = 0, entered: str = ""):
         super().__init__()
         self.gate = gate
         self.limit = limit
+        self.entered = entered
         self.scale = nn.Parameter(torch.ones(1))
         self.ballast = nn.Linear(d, d, bias=False) if d else None  # 4 * d * d bytes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, note: str = "") -> torch.Tensor:
+        if self.entered:
+            with open(self.entered, "a") as f:
+                f.write(f"{len(x)}\n")
         deadline = time.monotonic() + self.limit
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -4,7 +4,6 @@ servers and clients (round trips in every dtype, forged descriptors, killed peer
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import shutil
 import signal
@@ -89,10 +88,6 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> 
 def model_status(path: str, key: str) -> dict:
     with Channel(path, shm_bytes=0) as ch:
         return next(m for m in ch.request({"op": "status"})["status"]["models"] if m["key"] == key)
-
-
-def model_running(path: str, key: str, n: int) -> bool:
-    return model_status(path, key)["running"] == n
 
 
 def model_in_flight(path: str, key: str) -> bool:
@@ -404,9 +399,9 @@ def test_arrays_that_do_not_fit_go_through_the_socket(identity):
 def test_requests_in_shared_memory_merge_with_each_other(identity, private_dir):
     """Queued requests of two clients, both borrowed from their regions, merge into one
     forward pass (torch.cat over the views) and each gets its own rows back."""
-    gate = os.path.join(private_dir, "gate")
+    gate, held = os.path.join(private_dir, "gate"), os.path.join(private_dir, "entered")
     with identity.channel() as ch:
-        ch.request({"op": "load", "key": "merge", "spec": gate_spec(gate)})
+        ch.request({"op": "load", "key": "merge", "spec": gate_spec(gate, held)})
     xs = [torch.randn(64, 4096) for _ in range(3)]  # 1 MiB each, 128 rows when merged
     got: dict[int, torch.Tensor] = {}
 
@@ -418,12 +413,10 @@ def test_requests_in_shared_memory_merge_with_each_other(identity, private_dir):
     xs += [torch.randn(64, 4096) for _ in range(k - 1)]
     threads: list[threading.Thread] = []
     try:
-        for i in range(k):  # one at a time, each held alone on a compute thread
+        for i in range(k):  # one at a time, each held alone in a forward pass (no longer gathering)
             threads.append(threading.Thread(target=send, args=(i,)))
             threads[-1].start()
-            wait_until(
-                functools.partial(model_running, identity.path, "merge", i + 1), 30, "the gate to hold it"
-            )
+            wait_until(lambda n=i + 1: entered(held) == n, 30, "the gate to hold it")
         threads += [threading.Thread(target=send, args=(i,)) for i in (k, k + 1)]
         for t in threads[k:]:
             t.start()
@@ -588,10 +581,18 @@ print("answered", flush=True)
 """
 
 
-def gate_spec(gate: str) -> dict:
-    return ModelSpec(
-        "pytorch_state_dict", None, userclass.describe(Gate), {"gate": gate, "limit": 60}
-    ).to_wire()
+def gate_spec(gate: str, entered: str = "") -> dict:
+    params = {"gate": gate, "limit": 60, **({"entered": entered} if entered else {})}
+    return ModelSpec("pytorch_state_dict", None, userclass.describe(Gate), params).to_wire()
+
+
+def entered(path: str) -> int:
+    """How many batches have entered the Gate's forward (``Gate(entered=path)``)."""
+    try:
+        with open(path) as f:
+            return len(f.read().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def test_killed_client_leaves_no_shared_memory_behind(identity, private_dir):
