@@ -23,6 +23,7 @@ over every request (microseconds: bounded memory, whatever the run's length).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -85,4 +86,4 @@ def _server_stages(stages: Any) -> tuple[float, ...] | None:
         values = tuple(float(stages[name]) for name in SERVER_STAGES)
     except (KeyError, TypeError, ValueError):
         return None
-    return values if all(v >= 0 for v in values) else None
+    return values if all(math.isfinite(v) and v >= 0 for v in values) else None

@@ -42,8 +42,9 @@ class Histogram:
     max: float = 0
 
     def record(self, value: float, n: int = 1) -> None:
-        """Record ``value`` ``n`` times (a bundle's latency, once per element in it)."""
-        if n <= 0:
+        """Record ``value`` ``n`` times (a bundle's latency, once per element in it).
+        A value that is not a finite number is not a measurement: it is dropped."""
+        if n <= 0 or not math.isfinite(value):
             return
         b = bucket_of(value)
         self.counts[b] = self.counts.get(b, 0) + n

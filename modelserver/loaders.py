@@ -99,6 +99,8 @@ class ModelSpec:
             raise ModelLoadError("env_vars must be a map of str to str")
         if not isinstance(self.cpu_fallback, bool):
             raise ModelLoadError(f"cpu_fallback must be true or false, not {self.cpu_fallback!r}")
+        if not isinstance(self.device, str):
+            raise ModelLoadError(f"device must be a string ('CPU', 'GPU', 'cuda:N'), not {self.device!r}")
 
     def digest(self) -> str:
         """A stable fingerprint: two specs with the same digest load the same model. A

@@ -38,9 +38,9 @@ def parse_format(text: str) -> str:
 
 
 def default_format() -> str:
-    """The format named by ``BEAMLET_LOG_FORMAT`` (unset or empty: text), unchecked: the
-    command line's ``parse_format`` says what is wrong with it."""
-    return os.environ.get(LOG_FORMAT_ENV) or "text"
+    """The format named by ``BEAMLET_LOG_FORMAT`` (unset or empty: text), in lower case,
+    otherwise unchecked: the command line's ``parse_format`` says what is wrong with it."""
+    return (os.environ.get(LOG_FORMAT_ENV) or "text").strip().lower()
 
 
 class JsonFormatter(logging.Formatter):

@@ -126,7 +126,11 @@ def server_families(s: dict[str, Any]) -> list[Metric]:
 
     models = s.get("models") or []
     rows = [([m["key"], m.get("model_id", ""), str(m.get("device") or "")], m) for m in models]
-    copies = [([*labels, str(i)], c) for labels, m in rows for i, c in enumerate(m.get("copies") or ())]
+    copies = [  # each copy under its own device (a model's copies may be on several GPUs)
+        ([labels[0], labels[1], str(c.get("device") or labels[2]), str(i)], c)
+        for labels, m in rows
+        for i, c in enumerate(m.get("copies") or ())
+    ]
     for field, name, doc in MODEL_COUNTERS:
         out.append(_family(CounterMetricFamily, name, doc, MODEL_LABELS, rows, field))
     for field, name, doc in MODEL_GAUGES:
@@ -135,6 +139,16 @@ def server_families(s: dict[str, Any]) -> list[Metric]:
         out.append(_family(CounterMetricFamily, name, doc, COPY_LABELS, copies, field))
     for field, name, doc in COPY_GAUGES:
         out.append(_family(GaugeMetricFamily, name, doc, COPY_LABELS, copies, field))
+    charged = GaugeMetricFamily(
+        "beamlet_model_charged_bytes",
+        "Bytes a loaded model's copies are charged on each device (a model spread over GPUs has one per GPU)",
+        labels=MODEL_LABELS,
+    )
+    for (key, version, _first), m in rows:
+        if m.get("loaded") is not False:
+            for device, nbytes in sorted((m.get("charges") or {}).items()):
+                charged.add_metric([key, version, str(device)], float(nbytes))
+    out.append(charged)
     for field, name, doc, bounds, factor in MODEL_HISTOGRAMS:
         hists = [
             (labels, Histogram.from_wire(m["histograms"][field]))

@@ -116,3 +116,11 @@ def test_the_server_refuses_a_model_that_forbids_the_fallback_and_serves_the_oth
         assert srv.proc.poll() is None
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("device", [None, 0, ["GPU"]])
+def test_a_device_that_is_not_a_string_is_a_typed_error(ckpt, device):
+    _, path = ckpt
+    spec = ModelSpec("pytorch_state_dict", path, userclass.describe(MLP), {}, device)
+    with pytest.raises(ModelLoadError, match="device must be a string"):
+        spec.validate()

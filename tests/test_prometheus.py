@@ -241,6 +241,35 @@ def test_a_status_with_histograms_gives_prometheus_histograms_in_seconds():
     assert value(m, "beamlet_server_connections") == 3
 
 
+def test_a_model_spread_over_two_gpus_is_exported_per_device():
+    """Copies on cuda:0 and cuda:1: each copy's series names its own device, and the
+    model's charge is split by device (a status map as a two-GPU server gives it)."""
+    status = {
+        "models": [{"key": "k", "model_id": "m", "device": "cuda:0", "loaded": True, "footprint": 200,
+                    "charges": {"cuda:0": 100, "cuda:1": 100},
+                    "copies": [{"device": "cuda:0", "requests": 2}, {"device": "cuda:1", "requests": 5}]}],
+    }  # fmt: skip
+
+    class Fixed:
+        def collect(self):
+            return server_families(status)
+
+    registry = CollectorRegistry()
+    registry.register(Fixed())
+    m = parse(generate_latest(registry).decode())
+    assert value(m, "beamlet_copy_requests_total", model="k", version="m", device="cuda:1", copy="1") == 5
+    assert value(m, "beamlet_copy_requests_total", model="k", version="m", device="cuda:0", copy="0") == 2
+    for device in ("cuda:0", "cuda:1"):
+        assert value(m, "beamlet_model_charged_bytes", model="k", version="m", device=device) == 100
+
+
+def test_a_measurement_that_is_not_finite_is_dropped():
+    h = Histogram()
+    for v in (float("inf"), float("nan"), 5.0):
+        h.record(v)
+    assert (h.count, h.total, h.max) == (1, 5.0, 5.0)
+
+
 # -- the run summary's latency: bounded ----------------------------------------------------------
 def test_latency_keeps_flat_memory_over_a_million_samples_and_weights_by_element():
     rng = random.Random(2)
