@@ -201,6 +201,18 @@ def test_histograms_convert_exactly_to_cumulative_buckets_per_doubling():
     assert counts == sorted(counts)
 
 
+def exported(status: dict) -> dict:
+    """The parsed exposition of a ``status`` map, as a scrape of the server would give it."""
+
+    class Fixed:
+        def collect(self):
+            return server_families(status)
+
+    registry = CollectorRegistry()
+    registry.register(Fixed())
+    return parse(generate_latest(registry).decode())
+
+
 def test_a_status_with_histograms_gives_prometheus_histograms_in_seconds():
     """What the server exports once each model's status entry carries its stage
     histograms (microseconds; batch sizes in rows)."""
@@ -219,13 +231,7 @@ def test_a_status_with_histograms_gives_prometheus_histograms_in_seconds():
                     "footprint": 600, "histograms": hists, "copies": [{"device": "cpu", "requests": 3}]}],
     }  # fmt: skip
 
-    class Fixed:
-        def collect(self):
-            return server_families(status)
-
-    registry = CollectorRegistry()
-    registry.register(Fixed())
-    m = parse(generate_latest(registry).decode())
+    m = exported(status)
     labels = {"model": "k", "version": "/m.pt", "device": "cpu"}
     assert value(m, "beamlet_model_queue_wait_seconds_count", **labels) == 5
     assert value(m, "beamlet_model_queue_wait_seconds_sum", **labels) == pytest.approx(9645e-6, rel=1e-9)
@@ -250,13 +256,7 @@ def test_a_model_spread_over_two_gpus_is_exported_per_device():
                     "copies": [{"device": "cuda:0", "requests": 2}, {"device": "cuda:1", "requests": 5}]}],
     }  # fmt: skip
 
-    class Fixed:
-        def collect(self):
-            return server_families(status)
-
-    registry = CollectorRegistry()
-    registry.register(Fixed())
-    m = parse(generate_latest(registry).decode())
+    m = exported(status)
     assert value(m, "beamlet_copy_requests_total", model="k", version="m", device="cuda:1", copy="1") == 5
     assert value(m, "beamlet_copy_requests_total", model="k", version="m", device="cuda:0", copy="0") == 2
     for device in ("cuda:0", "cuda:1"):
