@@ -324,12 +324,15 @@ class ModelServer:
                 self.stop()
         except BeamletError as exc:
             if isinstance(exc, Overloaded):
-                with self._counts_lock:
-                    self._overloaded += 1
+                self._count_overloaded()
             conn.send(protocol.error_reply(request.id, exc))
         except Exception as exc:
             log.exception("request %r failed", message.get("op"))
             conn.send(protocol.error_reply(request.id, InternalError(f"{type(exc).__name__}: {exc}")))
+
+    def _count_overloaded(self) -> None:
+        with self._counts_lock:
+            self._overloaded += 1
 
     def _infer(self, conn: Connection, request: protocol.Infer) -> None:
         rid = request.id
@@ -340,6 +343,8 @@ class ModelServer:
 
         def reply(outputs: Any, error: BeamletError | None) -> None:
             if error is not None:
+                if isinstance(error, Overloaded):  # refused after waiting for a reload
+                    self._count_overloaded()
                 conn.send(protocol.error_reply(rid, error))
                 return
             work = this[0]()
