@@ -469,6 +469,7 @@ class ModelManager:
         budgets = {d: self.budget(d) for d in (f"cuda:{i}" for i in range(torch.cuda.device_count()))}
         with self._lock:
             free = {d: None if b is None else b - self._used(d) for d, b in budgets.items()}
+            reclaimable = {d: None if b is None else b - self._held(d, key) for d, b in budgets.items()}
         try:
             return placement.place(
                 spec.device,
@@ -476,6 +477,7 @@ class ModelManager:
                 per_copy,
                 copies,
                 budgets=budgets,
+                reclaimable=reclaimable,
                 fallback=spec.cpu_fallback,
                 what=what,
                 notes=notes,
@@ -487,9 +489,11 @@ class ModelManager:
         self, key: str, charges: accounting.Charges, devices: list[str], notes: DeferredLog, *, measured: bool
     ) -> None:
         """Under the load lock: ``make_room`` on every device ``charges`` names, for its
-        share (``devices``: where each copy goes). OutOfMemory at once when a share
-        exceeds its device's whole budget (``measured``: the shares are readings, not
-        estimates)."""
+        share (``devices``: where each copy goes), within one ``load_wait`` in all.
+        OutOfMemory at once when a share exceeds its device's whole budget (``measured``:
+        the shares are readings, not estimates). Over several devices nothing is evicted
+        until every device could make room (``room_at_once``): a device that cannot must
+        not cost the others' idle models their place."""
         for device, share in charges.items():
             what = accounting.describe_share(devices.count(device), len(devices))
             verb = f"takes {share}" if measured else f"needs about {share}"
@@ -497,18 +501,77 @@ class ModelManager:
             copies.check_budget(
                 f"model {key!r} {verb} bytes ({what}{where})", share, self.budget(device), device
             )
+        deadline = time.monotonic() + self.load_wait
+        if len(charges) > 1:
+            self._wait_for_room(key, charges, deadline)
         for device, share in charges.items():
-            self.make_room(key, device, share, notes)
+            self.make_room(key, device, share, notes, deadline=deadline)
 
-    def make_room(self, key: str, device: str, needed: int, notes: DeferredLog, *, wait: bool = True) -> bool:
+    def room_at_once(self, key: str, charges: accounting.Charges) -> bool:
+        """Whether every device ``charges`` names could hold its share now, evicting only
+        idle models (other than ``key``'s); evicts nothing."""
+        budgets = {d: self.budget(d) for d in charges}  # outside the lock: the first reads NVML
+        with self._lock:
+            return not self._short(key, charges, budgets)
+
+    def _short(self, key: str, charges: accounting.Charges, budgets: dict[str, int | None]) -> list[str]:
+        """Under the lock: the devices that cannot hold their share of ``charges`` even
+        with every idle model (other than ``key``'s) evicted."""
+        return [
+            d
+            for d, share in charges.items()
+            if (b := budgets[d]) is not None and self._held(d, key) + share > b
+        ]
+
+    def _held(self, device: str, key: str) -> int:
+        """Under the lock: the bytes on ``device`` that no eviction can free now: models in
+        use (and ``key``'s own), and swapped-out versions finishing their batches."""
+        busy = [
+            s.charges
+            for s in self._slots.values()
+            if s.loaded and s.batcher is not None and (s.batcher.busy or s.key == key)
+        ]
+        return accounting.used(device, busy, self._retiring_bytes)
+
+    def _wait_for_room(self, key: str, charges: accounting.Charges, deadline: float) -> None:
+        """Under the load lock: wait (until ``deadline``) for models in use to go idle
+        until every device could hold its share; OutOfMemory naming those that cannot."""
+        budgets = {d: self.budget(d) for d in charges}
+        with self._lock:
+            while short := self._short(key, charges, budgets):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed.is_set():
+                    raise OutOfMemory(
+                        f"model {key!r} needs "
+                        + "; ".join(f"{charges[d]} bytes on {d} ({self._held(d, key)} held by models in use "
+                                    f"of its {budgets[d]}-byte budget)" for d in short)
+                        + f" (waited {self.load_wait:.0f}s)"
+                    )  # fmt: skip
+                self.waiting_loads += 1
+                try:
+                    self._idle.wait(min(remaining, 1.0))
+                finally:
+                    self.waiting_loads -= 1
+
+    def make_room(
+        self,
+        key: str,
+        device: str,
+        needed: int,
+        notes: DeferredLog,
+        *,
+        wait: bool = True,
+        deadline: float | None = None,
+    ) -> bool:
         """Under the load lock: evict idle models with a copy on ``device`` until
-        ``needed`` more bytes fit its budget, waiting up to ``load_wait`` seconds for busy
-        models to go idle (``wait=False``: return False at once instead of waiting or
-        failing). True when it fits."""
+        ``needed`` more bytes fit its budget, waiting until ``deadline`` (default
+        ``load_wait`` seconds from now) for busy models to go idle (``wait=False``: return
+        False at once instead of waiting or failing). True when it fits."""
         budget = self.budget(device)
         if budget is None:
             return True
-        deadline = time.monotonic() + self.load_wait
+        if deadline is None:
+            deadline = time.monotonic() + self.load_wait
         while True:
             with self._lock:
                 used = self._used(device)

@@ -11,7 +11,11 @@ The rules (docs/operations.md, "Placement"):
 - ``"cuda:N"`` pins every copy to GPU N; a GPU this machine lacks is a ModelLoadError.
 - A copy fits a device when it fits the device's budget (``budgets``: the whole budget,
   since idle models can be evicted to make room; by default what is free now), after the
-  copies already placed there. A model that fits no device is OutOfMemory, naming every
+  copies already placed there. Among the devices it fits, those where it fits at once
+  come first: ``reclaimable`` is each device's room once its idle models are evicted
+  (its budget less what models in use and retiring versions hold), so a GPU whose room
+  is held by busy models, where the load would wait for them, comes after one whose
+  idle models can go now. A model that fits no device is OutOfMemory, naming every
   candidate device's free budget. A full GPU never sends a model to the CPU.
 - With no GPU at all (no usable CUDA), ``"GPU"`` and ``"cuda:N"`` fall back to the CPU
   with a warning, as Beam's PyTorch handlers do, when ``fallback`` allows it (the spec's
@@ -42,6 +46,7 @@ def place(
     copies: int = 1,
     *,
     budgets: Mapping[str, int | None] | None = None,
+    reclaimable: Mapping[str, int | None] | None = None,
     fallback: bool = True,
     what: str = "the model",
     notes: DeferredLog | None = None,
@@ -50,7 +55,9 @@ def place(
 
     ``request``: the spec's device ("cpu", "GPU", "cuda:N"; any case). ``free``: every
     device this process can use, with its free budget in bytes (None: no budget);
-    ``budgets``: each device's whole budget, which decides what fits (default: ``free``).
+    ``budgets``: each device's whole budget, which decides what fits (default: ``free``);
+    ``reclaimable``: each device's room once its idle models are evicted (default: every
+    fitting device counts as making room at once).
     ``what``: how errors name the model; ``notes``: where the fallback warning goes when
     the caller holds a lock. Raises ValueError for a request that names no device."""
     if copies < 1:
@@ -87,7 +94,13 @@ def place(
         if not fitting:
             raise OutOfMemory(_fits_nowhere(what, footprint, copies, candidates, free, budgets))
         device = max(
-            fitting, key=lambda d: (_room(free.get(d), footprint * placed[d]), -placed[d], -_index(d))
+            fitting,
+            key=lambda d: (
+                reclaimable is None or _fits(reclaimable.get(d), footprint * (placed[d] + 1)),
+                _room(free.get(d), footprint * placed[d]),
+                -placed[d],
+                -_index(d),
+            ),
         )
         placed[device] += 1
         chosen.append(device)

@@ -98,7 +98,10 @@ def swap(
         # the new version's copies, all of them, where they would go beside the old ones
         devices = manager.place(key, spec, per_copy, manager.copies_of(key), notes)
         expected = accounting.planned(devices, per_copy)
-        beside = all(manager.make_room(key, d, share, notes, wait=False) for d, share in expected.items())
+        # evict for the new version only when every device it goes to can hold it beside the old
+        beside = manager.room_at_once(key, expected) and all(
+            manager.make_room(key, d, share, notes, wait=False) for d, share in expected.items()
+        )
         if beside:
             return manager.load(key, spec, sequence, old, notes)
         loaders.check(spec)

@@ -123,6 +123,24 @@ def test_whole_budgets_decide_fit_and_free_budgets_the_order():
         place("GPU", free, 9 * GB, budgets=budgets)
 
 
+def test_a_gpu_whose_room_is_held_by_busy_models_comes_after_one_that_can_evict():
+    """cuda:0 has more free now but the rest of it is held by models in use; cuda:1 is
+    full of idle models. A model that fits cuda:0 only by waiting for its busy models goes
+    to cuda:1, where evicting makes room at once; one that fits cuda:0's free room stays
+    there (free room first: nothing is evicted)."""
+    budgets = {"cuda:0": 10 * GB, "cuda:1": 10 * GB}
+    free = {"cuda:0": 3 * GB, "cuda:1": 2 * GB}
+    reclaimable = {"cuda:0": 3 * GB, "cuda:1": 10 * GB}  # 7 GB busy on cuda:0; cuda:1 all idle
+    assert place("GPU", free, 5 * GB, budgets=budgets, reclaimable=reclaimable) == ["cuda:1"]
+    assert place("GPU", free, 5 * GB, budgets=budgets) == ["cuda:0"]  # without the readings: as before
+    assert place("GPU", free, 3 * GB, budgets=budgets, reclaimable=reclaimable) == ["cuda:0"]
+    # two copies: the first to cuda:1 (evicting), the second too (cuda:0 would wait)
+    assert place("GPU", free, 4 * GB, 2, budgets=budgets, reclaimable=reclaimable) == ["cuda:1", "cuda:1"]
+    # when every GPU would have to wait, the one with the most free room, as before
+    busy = {"cuda:0": 3 * GB, "cuda:1": 2 * GB}
+    assert place("GPU", free, 5 * GB, budgets=budgets, reclaimable=busy) == ["cuda:0"]
+
+
 def test_a_device_without_a_budget_always_fits():
     assert place("cpu", {"cpu": None}, 100 * GB, copies=2) == ["cpu", "cpu"]
     assert place("GPU", {"cuda:0": None, "cuda:1": GB}, 100 * GB) == ["cuda:0"]
