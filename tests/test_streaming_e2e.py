@@ -100,6 +100,30 @@ def wait_outputs(r: Any, n: int, job: subprocess.Popen[str], timeout: float = 12
         time.sleep(0.02)
 
 
+def stop_with_sigterm(job: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM the job: it commits what is in flight and exits 128 + SIGTERM. Its output."""
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    return stdout, stderr
+
+
+def reap(job: subprocess.Popen[str]) -> None:
+    """Kill the job if a failed test left it running."""
+    if job.poll() is None:
+        job.kill()
+        job.communicate()
+
+
+def outputs_exactly_once(r: Any, n: int) -> tuple[list[Any], list[int]]:
+    """The output stream's entries and their event ids, after checking it holds each of
+    the ``n`` events once."""
+    entries = r.xrange("out")
+    ids = [int(f[b"id"]) for _, f in entries]
+    assert len(ids) == n and sorted(ids) == list(range(n)), "an event lost or written twice"
+    return entries, ids
+
+
 def workers_of(job: subprocess.Popen[str]) -> list[psutil.Process]:
     return [p for p in psutil.Process(job.pid).children(recursive=True) if p.name() == "beamlet-worker"]
 
@@ -139,18 +163,12 @@ def test_killed_harness_workers_and_server_lose_and_duplicate_no_event(redis_ser
         producer.join(60)
         assert producer.error is None, producer.error
         wait_outputs(r, N, running)
-        running.send_signal(signal.SIGTERM)
-        stdout, stderr = running.communicate(timeout=60)
-        assert running.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        stdout, _ = stop_with_sigterm(running)
         summary = json.loads(stdout)
         assert summary["interrupted"] == "SIGTERM" and summary["latency"]["p99_ms"] > 0
     finally:
-        if running.poll() is None:
-            running.kill()
-            running.communicate()
-    entries = r.xrange("out")
-    ids = [int(f[b"id"]) for _, f in entries]
-    assert len(ids) == N and sorted(ids) == list(range(N)), "an event lost or written twice"
+        reap(running)
+    entries, ids = outputs_exactly_once(r, N)
     with torch.inference_mode():
         want = model(xs)
     got = torch.tensor([json.loads(f[b"y"]) for _, f in entries])
@@ -188,16 +206,10 @@ def test_a_new_checkpoint_swaps_in_while_events_flow(redis_server, private_dir, 
         producer.join(60)
         assert producer.error is None, producer.error
         wait_outputs(r, n, running)
-        running.send_signal(signal.SIGTERM)
-        stdout, stderr = running.communicate(timeout=60)
-        assert running.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        stop_with_sigterm(running)
     finally:
-        if running.poll() is None:
-            running.kill()
-            running.communicate()
-    entries = r.xrange("out")
-    ids = [int(f[b"id"]) for _, f in entries]
-    assert len(ids) == n and sorted(ids) == list(range(n)), "an event lost or written twice"
+        reap(running)
+    entries, ids = outputs_exactly_once(r, n)
     names = [f[b"model"].decode() for _, f in entries]
     assert set(names) == {v1, v2}, set(names)
     got = torch.tensor([json.loads(f[b"y"]) for _, f in entries])
@@ -248,13 +260,9 @@ def test_a_redis_server_that_goes_away_and_comes_back_loses_nothing(redis_server
         running.send_signal(signal.SIGTERM)
         _, stderr = running.communicate(timeout=60)
     finally:
-        if running.poll() is None:
-            running.kill()
-            running.communicate()
+        reap(running)
     assert "unreachable" in stderr and "retrying" in stderr, stderr[-3000:]
-    entries = r.xrange("out")
-    ids = sorted(int(f[b"id"]) for _, f in entries)
-    assert ids == list(range(n)), "an event lost or written twice"
+    entries, _ = outputs_exactly_once(r, n)
     with torch.inference_mode():
         want = model(xs)
     got = {int(f[b"id"]): json.loads(f[b"y"]) for _, f in entries}
