@@ -262,6 +262,18 @@ def run_threads(work: Any, n: int) -> None:
         p.join()
 
 
+def spawn_worker(
+    ctx: Any, target: Any, args: tuple[Any, ...], name: str, *, daemon: bool = False
+) -> tuple[Any, Any]:
+    """Start ``target(conn, *args)`` in a process of ``ctx``: (the process, this end of
+    its pipe). The worker reports over ``conn`` (``report_of``)."""
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(child, *args), name=name, daemon=daemon)
+    process.start()
+    child.close()
+    return process, parent
+
+
 def report_of(conn: Any, who: str, expected: str, timeout: float) -> Any:
     """A spawned worker's (status, detail) report: its detail, or why there is none."""
     if not conn.poll(timeout):

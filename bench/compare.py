@@ -513,17 +513,15 @@ def _memory_run(
     pipes = []
     try:
         for i in range(args.workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=common.memory_worker,
-                args=(child, srv is not None, state, params, srv.path if srv else None, 3, 16),
-                name=f"bench-memory-worker-{i}",
+            p, conn = common.spawn_worker(
+                ctx,
+                common.memory_worker,
+                (srv is not None, state, params, srv.path if srv else None, 3, 16),
+                f"bench-memory-worker-{i}",
                 daemon=True,
             )
-            p.start()
-            child.close()
             procs.append(p)
-            pipes.append(parent)
+            pipes.append(conn)
         for i, conn in enumerate(pipes):
             common.report_of(conn, f"memory worker {i}", "ready", 300)
         pids = {f"worker{i}": p.pid for i, p in enumerate(procs)}
@@ -640,16 +638,11 @@ def _batch1_run(
     pipes, workers = [], []
     try:
         for i in range(procs):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=target,
-                args=(child, barrier, state, path, threads, calls, width),
-                name=f"bench-batch1-{i}",
+            p, conn = common.spawn_worker(
+                ctx, target, (barrier, state, path, threads, calls, width), f"bench-batch1-{i}"
             )
-            p.start()
-            child.close()
             workers.append(p)
-            pipes.append(parent)
+            pipes.append(conn)
         got = [common.report_of(conn, f"batch-1 worker {i}", "ok", 600) for i, conn in enumerate(pipes)]
     finally:
         for p in workers:

@@ -80,16 +80,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load: dict[int, list[float]] = {n: [] for n in COPIES}
         try:
             for i in range(args.workers):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(
-                    target=worker,
-                    args=(child, barrier, srv.path, args.threads, args.calls, args.rows),
-                    name=f"bench-copies-{i}",
+                p, conn = common.spawn_worker(
+                    ctx, worker, (barrier, srv.path, args.threads, args.calls, args.rows), f"bench-copies-{i}"
                 )
-                p.start()
-                child.close()
                 procs.append(p)
-                pipes.append(parent)
+                pipes.append(conn)
             for i, conn in enumerate(pipes):
                 common.report_of(conn, f"worker {i}", "ready", 300)
             for r in range(args.repeats):
