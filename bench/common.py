@@ -262,6 +262,18 @@ def run_threads(work: Any, n: int) -> None:
         p.join()
 
 
+class Progress:
+    """One line per step on stderr, with the time since the run began."""
+
+    def __init__(self, quiet: bool = False):
+        self.started = time.monotonic()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def spawn_worker(
     ctx: Any, target: Any, args: tuple[Any, ...], name: str, *, daemon: bool = False
 ) -> tuple[Any, Any]:

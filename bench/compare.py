@@ -43,25 +43,13 @@ import psutil
 import torch
 
 from bench import common, plots
-from bench.common import BenchMLP, WideMLP, median, percentile
+from bench.common import BenchMLP, Progress, WideMLP, median, percentile
 from bench.echo import EchoClient
 from client import PytorchModelHandlerTensor, RunInference
 from client.serverclient import ServerClient
 from modelserver.channel import Channel
 
 MiB = 1024 * 1024
-
-
-class Progress:
-    """One line per step on stderr, with the time since the run began."""
-
-    def __init__(self, quiet: bool = False):
-        self.started = time.monotonic()
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 
 
 def gpu_description() -> str:

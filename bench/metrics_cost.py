@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import threading
 import time
 import urllib.request
@@ -41,10 +40,6 @@ from bench.common import BenchMLP, median
 from client import PytorchModelHandlerTensor, RunInference
 
 GOAL = 0.99
-
-
-def _log(started: float, message: str) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -102,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes of /metrics")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/metrics_cost-<time>.json)")
     args = p.parse_args(argv)
-    started, wall = time.monotonic(), time.time()
+    progress, wall = common.Progress(), time.time()
     b, n = args.batch, args.rows
     data = list(common.make_rows(2 * n, 512, seed=0).unbind(0))
     servers: dict[str, tuple[str, ...]] = {
@@ -129,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 large_model=True,
                 socket_path=srv.path,
             )
-        _log(
-            started,
+        progress(
             f"warm-up: {n} rows through each server (batch {b}, torch threads {torch.get_num_threads()})",
         )
         for name, handler in handlers.items():
@@ -153,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise AssertionError(f"{name}: {got} results for {size} rows")
                     seconds[name][size].append(dt)
                 steady = n / max(seconds[name][2 * n][-1] - seconds[name][n][-1], 1e-9)
-                _log(
-                    started,
+                progress(
                     f"repeat {r + 1}/{args.repeats} {name:<7} steady {steady:>8,.0f} el/s "
                     f"(other load {foreign[name][-1]:.0%})",
                 )

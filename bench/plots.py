@@ -17,9 +17,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.common import RESULTS_DIR
+from bench.common import RESULTS_DIR, ROOT
 
-PLOTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plots")
+PLOTS_DIR = os.path.join(ROOT, "docs", "plots")
 DPI = 80
 SIZE = (7.0, 4.2)  # inches: 560 x 336 pixels at 80 dpi
 

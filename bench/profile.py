@@ -36,6 +36,7 @@ from tqdm import tqdm
 from bench import common
 from bench.common import BenchMLP, median, percentile
 from client.serverclient import ServerClient
+from client.stages import CLIENT_STAGES
 from modelserver import userclass
 from modelserver.loaders import ModelSpec
 
@@ -102,7 +103,7 @@ def profile_server(client: ServerClient, key: str, batches: list[list[torch.Tens
         for name in SERVER_PATH[1:-1]:
             if name in stages:
                 times[name].append(stages[name])
-        on_wire = sum(stages[s] for s in ("encode", "send", "wait", "decode"))
+        on_wire = sum(stages[s] for s in CLIENT_STAGES)
         times["client_other"].append(max(0.0, (t2 - t1) - on_wire))
         times["total"].append(t2 - t0)
 

@@ -66,16 +66,6 @@ class StageTimes:
         with self._lock:
             return {f"{name}_us": h.summary() for name, h in self._histograms.items() if h.count}
 
-    def histograms(self) -> dict[str, Histogram]:
-        """A copy of each stage's histogram (microseconds), by stage name."""
-        with self._lock:
-            out = {}
-            for name, h in self._histograms.items():
-                copy = Histogram()
-                copy.merge(h)
-                out[name] = copy
-            return out
-
 
 def _server_stages(stages: Any) -> tuple[float, ...] | None:
     """The server's four stage times from a reply's ``stages``; None when it has none

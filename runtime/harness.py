@@ -694,8 +694,7 @@ class _Run:
                 dead = dead + more
             self.sink.commit(outputs, dead, [ack] if ack is not None else [], self.pipeline.source)
             with self.stats_lock:  # a metrics scrape sees whole bundles
-                self.summary.outputs += len(outputs)
-                self.summary.add_dead_letters(dead)
+                self._count(outputs, dead)
                 self.summary.bundles += 1
                 if arrived is not None:
                     self.summary.latency.add(time.time() - arrived, len(outputs) + len(dead))
@@ -718,8 +717,13 @@ class _Run:
         time or by the end of the input)."""
         if outputs or dead:
             self.sink.commit(outputs, dead, [], None)
-            self.summary.outputs += len(outputs)
-            self.summary.add_dead_letters(dead)
+            with self.stats_lock:
+                self._count(outputs, dead)
+
+    def _count(self, outputs: list[Any], dead: list[dict[str, Any]]) -> None:
+        """Under ``stats_lock``: committed outputs and dead letters, in the summary."""
+        self.summary.outputs += len(outputs)
+        self.summary.add_dead_letters(dead)
 
     def _advance_windows(self) -> None:
         """On a stream windowed by arrival time, close the windows whose end has passed
