@@ -40,8 +40,8 @@ two requests share a forward pass: every request is its own batch, whatever the 
 Seeing inside: each forward batch counts into the model's ``BatchStats``
 (``batchstats``: counters, and histograms of queue wait, batch size, forward and reply
 time) and gives each of its requests its stage times (``Work.stages``), which the server
-sends back with the reply; a few clock reads per batch, skipped for requests that are
-not ``timed`` (``serve --no-metrics``).
+sends back with the reply; for requests that are not ``timed`` (``serve
+--no-metrics``) neither histograms nor stage times, only the few clock reads per batch.
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ class Batcher:
         replies = []
         ended = time.monotonic()
         for work, out, wait in zip(batch, outputs, waits):
-            work.stages = (wait, assemble, forward)
+            work.stages = {"queue": wait, "assemble": assemble, "forward": forward}
             work.finish(out, error)
             replies.append(time.monotonic() - ended)
         self.stats.record_batch(rows, forward, waits, replies)

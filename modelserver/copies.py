@@ -38,7 +38,7 @@ from modelserver.batcher import Batcher, Batching, Compute, QueueLimits, Work
 from modelserver.batchstats import BatchStats
 from modelserver.errors import OutOfMemory
 
-_QUEUE_SUMS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
+QUEUE_FIELDS = ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads")
 
 
 def check_budget(what: str, nbytes: int, budget: int | None, device: str) -> None:
@@ -112,9 +112,6 @@ class Copies:
         first = self.copies[0].batcher
         self.model_id, self.device, self.nbytes = first.model_id, first.device, first.nbytes
 
-    def __len__(self) -> int:
-        return len(self.copies)
-
     @property
     def busy(self) -> bool:
         """Whether any copy is in use, or a request is on its way in (pinned)."""
@@ -160,7 +157,7 @@ class Copies:
 
     def queue_state(self) -> dict[str, int]:
         """The model's queue, all copies together (the fields of ``Batcher.queue_state``)."""
-        total = dict.fromkeys(_QUEUE_SUMS, 0)
+        total = dict.fromkeys(QUEUE_FIELDS, 0)
         for c in self.copies:
             for k, v in c.batcher.queue_state().items():
                 total[k] += v

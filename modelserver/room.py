@@ -138,7 +138,7 @@ class RoomMaking:
         busy = [
             s.charges
             for s in self._slots.values()
-            if s.loaded and s.batcher is not None and (s.batcher.busy or s.key == key)
+            if s.batcher is not None and (s.batcher.busy or s.key == key)
         ]
         return accounting.used(device, busy, self._retiring_bytes)
 
@@ -148,19 +148,26 @@ class RoomMaking:
         budgets = {d: self.budget(d) for d in charges}
         with self._lock:
             while short := self._short(key, charges, budgets):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed.is_set():
+                if not self._wait_idle(deadline):
                     raise OutOfMemory(
                         f"model {key!r} needs "
                         + "; ".join(f"{charges[d]} bytes on {d} ({self._held(d, key)} held by models in use "
                                     f"of its {budgets[d]}-byte budget)" for d in short)
                         + f" (waited {self.load_wait:.0f}s)"
                     )  # fmt: skip
-                self.waiting_loads += 1
-                try:
-                    self._idle.wait(min(remaining, 1.0))
-                finally:
-                    self.waiting_loads -= 1
+
+    def _wait_idle(self, deadline: float) -> bool:
+        """Under the registry lock: wait (a second at most) for a model to go idle; False,
+        at once, when ``deadline`` has passed or the server is stopping."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self._closed.is_set():
+            return False
+        self.waiting_loads += 1
+        try:
+            self._idle.wait(min(remaining, 1.0))
+        finally:
+            self.waiting_loads -= 1
+        return True
 
     def make_room(
         self,
@@ -194,17 +201,11 @@ class RoomMaking:
                 if not victims:
                     if not wait:
                         return False
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._closed.is_set():
+                    if not self._wait_idle(deadline):
                         raise OutOfMemory(
                             f"model {key!r} needs {needed} bytes on {device}, but {used} of its "
                             f"{budget}-byte budget are held by models in use (waited {self.load_wait:.0f}s)"
                         )
-                    self.waiting_loads += 1
-                    try:
-                        self._idle.wait(min(remaining, 1.0))
-                    finally:
-                        self.waiting_loads -= 1
                     continue
             notes.info(log, "evicting %s from %s to make room for %s", ", ".join(chosen), device, key)
             self.release(victims)

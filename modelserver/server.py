@@ -30,7 +30,7 @@ import psutil
 from modelserver import config, loaders, memory, protocol, serverlog, wire
 from modelserver.batcher import Compute, Work
 from modelserver.connection import DEFAULT_MAX_BACKLOG, HEARTBEAT_INTERVAL, Connection
-from modelserver.errors import BadRequest, BeamletError, InternalError, Overloaded
+from modelserver.errors import BadRequest, BeamletError, InternalError
 from modelserver.exposition import MetricsEndpoint
 from modelserver.manager import ModelManager
 from modelserver.startlock import StartLock, lock_path
@@ -90,7 +90,6 @@ class ModelServer:
         self.metrics = metrics
         self._counts_lock = threading.Lock()  # the counters below: reader threads add to them
         self._requests = 0
-        self._overloaded = 0
         self._rejected_peers = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -323,16 +322,10 @@ class ModelServer:
                 conn.send(protocol.ok_reply(request.id))
                 self.stop()
         except BeamletError as exc:
-            if isinstance(exc, Overloaded):
-                self._count_overloaded()
             conn.send(protocol.error_reply(request.id, exc))
         except Exception as exc:
             log.exception("request %r failed", message.get("op"))
             conn.send(protocol.error_reply(request.id, InternalError(f"{type(exc).__name__}: {exc}")))
-
-    def _count_overloaded(self) -> None:
-        with self._counts_lock:
-            self._overloaded += 1
 
     def _infer(self, conn: Connection, request: protocol.Infer) -> None:
         rid = request.id
@@ -343,17 +336,11 @@ class ModelServer:
 
         def reply(outputs: Any, error: BeamletError | None) -> None:
             if error is not None:
-                if isinstance(error, Overloaded):  # refused after waiting for a reload
-                    self._count_overloaded()
                 conn.send(protocol.error_reply(rid, error))
                 return
             work = this[0]()
             message = protocol.ok_reply(rid, outputs=outputs, model_id=work.model_id if work else "")
-            if work is None or work.stages is None:
-                conn.send(message)
-                return
-            queue, assemble, forward = work.stages
-            conn.send(message, stages={"queue": queue, "assemble": assemble, "forward": forward})
+            conn.send(message, stages=work.stages if work is not None else None)
 
         work = Work(
             request.inputs, request.kwargs, reply, request.method, caller=id(conn), timed=self.record_metrics
@@ -401,6 +388,7 @@ class ModelServer:
         clients = sorted({c.peer_pid for c in conns})
         shm_bytes = [c.shm_bytes for c in conns]
         limits = self.manager.limits
+        models = self.manager.status()
         return {
             "pid": os.getpid(),
             "socket": self.socket_path,
@@ -426,9 +414,10 @@ class ModelServer:
             "connections": len(conns),
             "client_pids": clients,
             "requests": self._requests,
-            "overloaded": self._overloaded,
+            # every refusal counts in its model's totals, which last as long as the server
+            "overloaded": sum(m["overloaded"] for m in models),
             "rejected_peers": self._rejected_peers,
             "metrics_address": self.metrics.address if self.metrics is not None else None,
             "log_records_dropped": serverlog.dropped(),
-            "models": self.manager.status(),
+            "models": models,
         }

@@ -35,7 +35,6 @@ from typing import Any
 from modelserver import logformat
 
 DEFAULT_CAPACITY = 4096
-FORMAT = logformat.TEXT_FORMAT
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | None
 
@@ -170,7 +169,7 @@ class LogPump:
         self._queue: queue.Queue[Any] = queue.Queue(capacity)
         self.handler = _DroppingQueueHandler(self._queue)
         sink = FdHandler(fd)
-        sink.setFormatter(formatter or logging.Formatter(FORMAT))
+        sink.setFormatter(formatter or logformat.formatter("text"))
         self._listener = logging.handlers.QueueListener(self._queue, sink)
         self._listener.start()
         thread = self._listener._thread  # noqa: SLF001 - to name it and to join it with a deadline

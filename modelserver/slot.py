@@ -14,11 +14,9 @@ from typing import Any
 
 from modelserver import accounting, loaders
 from modelserver.batchstats import BatchStats
-from modelserver.copies import Copies
+from modelserver.copies import QUEUE_FIELDS, Copies
 
-_NO_QUEUE = dict.fromkeys(
-    ("queued", "queued_rows", "queued_bytes", "running", "in_flight", "compute_threads"), 0
-)
+_NO_QUEUE = dict.fromkeys(QUEUE_FIELDS, 0)
 
 
 @dataclass

@@ -29,8 +29,8 @@ class Work:
     ``model_id`` is set by the batcher that takes it.
 
     ``timed``: record this request's stage times, and count its batch in the model's
-    histograms (``batchstats``). The batcher then sets ``stages`` before it replies:
-    (queue, assemble, forward) seconds, from ``enqueued`` to its batch being taken by a
+    histograms (``batchstats``). The batcher then sets ``stages`` before it replies, the
+    map a reply carries: ``queue``, ``assemble``, ``forward`` seconds, from ``enqueued`` to its batch being taken by a
     compute thread, concatenating the batch's inputs and splitting its outputs (and a
     merged forward that failed, when the request then ran alone), and the model call."""
 
@@ -41,7 +41,7 @@ class Work:
     caller: int = 0  # who sent it (a connection): merging waits for callers not yet in the batch
     enqueued: float = field(default_factory=time.monotonic)
     timed: bool = True
-    stages: tuple[float, float, float] | None = field(default=None, init=False)
+    stages: dict[str, float] | None = field(default=None, init=False)
     signature: tuple[Any, ...] | None = field(default=None, init=False)
     rows: int = field(default=1, init=False)
     nbytes: int = field(default=0, init=False)
