@@ -34,7 +34,7 @@ from modelserver.histogram import Histogram
 from modelserver.metrics import US, histogram_family
 
 if TYPE_CHECKING:
-    from runtime.harness import _Run
+    from runtime.arbiter import Run
 
 INFERENCE_LABELS = ["step", "model"]
 # Beam's distributions: (name, help, bucket bounds as powers of two, in Beam's unit)
@@ -51,7 +51,7 @@ LATENCY_BOUNDS = range(7, 33)  # 128 us to 71 min, recorded in microseconds
 class RunCollector(Collector):
     """What a scrape of the harness's ``/metrics`` gets, read from the running run."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: Run):
         self.run = run
 
     def collect(self) -> Iterable[Metric]:

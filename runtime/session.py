@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.arbiter import BundleResult, Run
 from runtime.errors import PipelineError
-from runtime.harness import BundleResult, Harness, _Run
+from runtime.harness import Harness
 from runtime.pipeline import Pipeline, Sink, SourceBundle
 
 
@@ -41,7 +42,7 @@ class Session:
         self._closing = threading.Event()
         self._futures: set[Future[BundleResult]] = set()
         self._lock = threading.Lock()
-        self.run = _Run(harness, Pipeline.of(pipeline), self._bundles(), _Gather(), total=None)
+        self.run = Run(harness, Pipeline.of(pipeline), self._bundles(), _Gather(), total=None)
         if self.run.harness_steps:
             raise ValueError(
                 "process() and submit() take element-wise steps; a grouping step (CountPerKey, "

@@ -434,4 +434,4 @@ def test_the_control_protocol_table_matches_its_docs_and_the_messages_the_code_s
     assert sent == {op: {row} for op, row in control.MESSAGES.items()}
     to_worker = {op for op, (d, _) in control.MESSAGES.items() if d == control.TO_WORKER}
     assert handled["worker.py"] == to_worker
-    assert handled["harness.py"] == set(control.MESSAGES) - to_worker
+    assert handled["arbiter.py"] == set(control.MESSAGES) - to_worker  # the run's loop (runtime/arbiter.py)
